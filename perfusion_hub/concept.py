@@ -248,6 +248,7 @@ class Concept:
     target_input: Any
     superclass_input: Any
     value_targets: dict[str, Any] = field(default_factory=dict)  # attn2 path -> [d_l]
+    digest: str = ""  # sha256 of the file it was loaded from ("" for one built in memory)
 
     @property
     def name(self) -> str:
@@ -304,7 +305,10 @@ def load_concept(path: str | os.PathLike | bytes) -> Concept:
         if not torch.isfinite(t).all():
             raise ConceptFormatError(f"{where}: tensor {k!r} holds NaN or Inf")
     t32 = {k: v.float() for k, v in tensors.items()}
+    import hashlib
+
     return Concept(
+        digest="sha256:" + hashlib.sha256(data).hexdigest(),
         metadata=dict(header.metadata),
         token_embedding=t32["token_embedding"],
         target_input=t32["target_input"],

@@ -1,0 +1,261 @@
+"""Base models: resolve a `--base` value, load it as a diffusers pipeline, and give it a canonical digest.
+
+Accepted bases:
+  tiny                 the embedded test base (weights, configs and tokenizer ship in perfusion_hub/data/tiny)
+  a diffusers folder   anything with model_index.json
+  a .safetensors file  a single-file SD1.x checkpoint; configs ship in perfusion_hub/data/sd15, the tokenizer
+                       comes from --tokenizer or the Hugging Face cache
+  a Hub model id       e.g. stable-diffusion-v1-5/stable-diffusion-v1-5: read from the Hugging Face cache,
+                       downloaded once when online
+
+The digest identifies what a concept depends on: every cross-attention K/V weight and the text encoder's
+weights (token rows of the base vocabulary only, so concepts loaded into the pipeline do not change it),
+under diffusers key names, sorted, each tensor rounded to fp16 before hashing, so that an fp32
+checkpoint and its fp16 variant agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from perfusion_hub.errors import BadInput, BaseNotAvailable
+
+DATA = Path(__file__).parent / "data"
+EMBEDDED = {"tiny": DATA / "tiny"}
+DEFAULT_BASE = "tiny"
+SD15_CONFIGS = DATA / "sd15"
+TOKENIZER_CACHE_IDS = (
+    ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"),
+    ("runwayml/stable-diffusion-v1-5", "tokenizer"),
+    ("openai/clip-vit-large-patch14", None),
+)
+REAL_BASE_HINT = (
+    "use a real Stable Diffusion 1.5 with --base stable-diffusion-v1-5/stable-diffusion-v1-5 "
+    "(or a diffusers folder / .safetensors file)"
+)
+
+
+@dataclass
+class BaseSpec:
+    kind: str  # embedded | dir | file | hub
+    location: str
+    name: str
+
+
+def resolve_spec(value: str | None) -> BaseSpec:
+    """Classify a base value without loading anything."""
+    value = (value or DEFAULT_BASE).strip()
+    if value in EMBEDDED:
+        return BaseSpec("embedded", str(EMBEDDED[value]), value)
+    p = Path(value).expanduser()
+    if p.is_dir():
+        if not (p / "model_index.json").is_file():
+            raise BaseNotAvailable(f"{p} is a folder but not a diffusers pipeline (no model_index.json)")
+        return BaseSpec("dir", str(p.resolve()), p.resolve().name)
+    if p.is_file():
+        if p.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+            raise BadInput(f"{p}: pickle checkpoints are never loaded; convert it to .safetensors first")
+        if p.suffix != ".safetensors":
+            raise BadInput(f"{p}: expected a .safetensors checkpoint or a diffusers folder")
+        return BaseSpec("file", str(p.resolve()), p.stem)
+    if value.count("/") == 1 and not value.startswith((".", "/", "~")) and " " not in value:
+        return BaseSpec("hub", value, value)
+    raise BaseNotAvailable(
+        f"base {value!r} is not an embedded base ({', '.join(EMBEDDED)}), an existing folder or file, "
+        "or a Hugging Face model id (owner/name)"
+    )
+
+
+def pick_device(requested: str | None = None) -> str:
+    """auto: cuda, else mps (untested code path), else cpu."""
+    import torch
+
+    if requested and requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"  # untested: no Apple machine was available to the project
+    return "cpu"
+
+
+def pick_dtype(device: str, requested: str | None = None):
+    import torch
+
+    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if requested and requested != "auto":
+        if requested not in names:
+            raise BadInput(f"unknown dtype {requested!r}; use one of {', '.join(names)} or auto")
+        return names[requested]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.startswith("mps"):
+        return torch.float16
+    return torch.float32
+
+
+@dataclass
+class Base:
+    """A loaded base: the pipeline plus what concepts need to know about it."""
+
+    spec: BaseSpec
+    pipe: object
+    device: str
+    dtype: object
+    _digest: str | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def digest(self) -> str:
+        if self._digest is None:
+            self._digest = compute_digest(self.pipe)
+            self.pipe._pfx_base_digest = self._digest
+        return self._digest
+
+    @property
+    def resolution(self) -> int:
+        return int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+
+    @property
+    def dim(self) -> int:
+        return int(self.pipe.text_encoder.config.hidden_size)
+
+    def layers(self) -> dict[str, int]:
+        from perfusion_hub.processor import cross_attention_modules
+
+        return {p: m.to_k.out_features for p, m in cross_attention_modules(self.pipe.unet).items()}
+
+
+def compute_digest(pipe) -> str:
+    import json
+
+    import torch
+
+    from perfusion_hub.processor import cross_attention_modules
+
+    cached = getattr(pipe, "_pfx_base_digest", None)
+    if cached:
+        return cached
+    items: dict[str, torch.Tensor] = {}
+    for path, attn in cross_attention_modules(pipe.unet).items():
+        items[f"unet.{path}.to_k.weight"] = attn.to_k.weight
+        items[f"unet.{path}.to_v.weight"] = attn.to_v.weight
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    vocab = pipe.tokenizer.vocab_size
+    for n, p in pipe.text_encoder.named_parameters():
+        items[f"text_encoder.{n}"] = p[:vocab] if p is emb else p
+    h = hashlib.sha256()
+    for key in sorted(items):
+        t = items[key].detach().to("cpu", torch.float16).contiguous()
+        h.update(key.encode() + b"\0" + json.dumps(list(t.shape)).encode() + b"\0")
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    digest = "sha256:" + h.hexdigest()
+    pipe._pfx_base_digest = digest
+    return digest
+
+
+def cache_key(spec: BaseSpec) -> str:
+    """A key that changes whenever the base's files change (for caching its digest)."""
+    if spec.kind == "hub":
+        return f"hub:{spec.location}"
+    p = Path(spec.location)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in
+                                            (".safetensors", ".json", ".txt", ".bin"))
+    parts = [f"{f.relative_to(p) if p.is_dir() else f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    return f"{spec.kind}:{spec.location}:" + hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _load_tokenizer(folder: str | None, offline: bool):
+    from transformers import CLIPTokenizer
+
+    if folder:
+        try:
+            return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise BaseNotAvailable(f"cannot load a CLIP tokenizer from {folder}: {e}") from None
+    for repo, sub in TOKENIZER_CACHE_IDS:
+        try:
+            return CLIPTokenizer.from_pretrained(repo, subfolder=sub, local_files_only=True)
+        except (OSError, ValueError):
+            continue
+    raise BaseNotAvailable(
+        "a single-file checkpoint needs the SD1.5 CLIP tokenizer, and none is in the Hugging Face cache; "
+        "pass --tokenizer FOLDER (a folder with vocab.json and merges.txt), or run "
+        "`hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --include 'tokenizer/*'` once online"
+        + (" (pfx is offline now)" if offline else "")
+    )
+
+
+def load_base(
+    value: str | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    tokenizer: str | None = None,
+    offline: bool | None = None,
+) -> Base:
+    """Load a base as a StableDiffusionPipeline on `device` (auto by default) in `dtype` (auto by default)."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+    spec = resolve_spec(value)
+    if offline is None:
+        offline = os.environ.get("PFX_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dev, dtype)
+    common = dict(safety_checker=None, requires_safety_checker=False, **{_dtype_kwarg(): torch_dtype})
+    try:
+        if spec.kind in ("embedded", "dir"):
+            pipe = StableDiffusionPipeline.from_pretrained(spec.location, local_files_only=True, **common)
+        elif spec.kind == "file":
+            tok = _load_tokenizer(tokenizer, offline)
+            pipe = StableDiffusionPipeline.from_single_file(
+                spec.location, config=str(SD15_CONFIGS), tokenizer=tok, local_files_only=True, **common
+            )
+        else:
+            pipe = _load_hub(spec.location, offline, common)
+    except (BaseNotAvailable, BadInput):
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise BaseNotAvailable(f"cannot load base {spec.location}: {str(e).splitlines()[0][:300]}") from None
+    if not isinstance(pipe.scheduler, DDIMScheduler):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(dev)
+    return Base(spec, pipe, dev, torch_dtype)
+
+
+def _dtype_kwarg() -> str:
+    """diffusers renamed `torch_dtype` to `dtype` in 0.40; older releases know only the former."""
+    from importlib.metadata import version
+
+    major, minor = (int(x) for x in version("diffusers").split(".")[:2])
+    return "dtype" if (major, minor) >= (0, 40) else "torch_dtype"
+
+
+def _load_hub(repo: str, offline: bool, common: dict):
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        return StableDiffusionPipeline.from_pretrained(repo, local_files_only=True, **common)
+    except (OSError, ValueError):
+        if offline:
+            raise BaseNotAvailable(
+                f"{repo} is not in the Hugging Face cache and pfx is offline; on a connected machine run "
+                f"`hf download {repo}` (or drop --offline once), or pass --base with a local diffusers folder"
+            ) from None
+    try:
+        return StableDiffusionPipeline.from_pretrained(repo, **common)
+    except (OSError, ValueError) as e:
+        raise BaseNotAvailable(
+            f"cannot download {repo}: {str(e).splitlines()[0][:200]}; check the id and your network, or run "
+            f"`hf download {repo}` and retry"
+        ) from None

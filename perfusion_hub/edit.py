@@ -1,0 +1,139 @@
+"""The gated rank-one edit of one projection (W_K or W_V of a cross-attention layer), in plain torch.
+
+For text encodings e (any leading shape, last dim D) and concepts c with target inputs i*_c:
+
+    s_c(e)  = (i*_c^T C^-1 e) / (i*_c^T C^-1 i*_c)
+    out(e)  = W e - W P e + sum_c sigmoid((s_c(e) - beta_c) / tau_c) * o*_c
+
+P is the C^-1-orthogonal projector onto span{i*_c}. Both P and the gates are written as matrices so
+that one concept and N concepts run the same code:
+
+    P e = U (A^T e)          exact:  C^-1 = L L^T, Q R = qr(L^T I*), U = L^-T Q, A = C^-1 U
+                             approx: U = I*, A = C^-1 I* / E      (exact only for C^-1-orthogonal i*'s)
+    s(e) = G^T e             G = C^-1 I* / E
+
+so W P e = (e A)(W U)^T. All of this arithmetic runs in fp32 (or the caller's wider dtype) even when the
+UNet runs in fp16/bf16: only W e itself uses the module's dtype, exactly as the stock processor does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from perfusion_hub.errors import IncompatibleConcepts
+
+DEPENDENCE_TOL = 1e-4  # |R_jj| below this fraction of the largest |R_ii| means the i*'s are dependent
+
+
+@dataclass
+class Basis:
+    """Layer-independent matrices for one set of concepts (all [D, N], fp32)."""
+
+    U: torch.Tensor  # projector's column space
+    A: torch.Tensor  # projector's read-out: P e = U (A^T e)
+    G: torch.Tensor  # gate read-out: s(e) = G^T e
+    beta: torch.Tensor  # [N]
+    tau: torch.Tensor  # [N]
+
+
+def inverse_and_root(covariance: torch.Tensor, ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """C^-1 and its Cholesky factor L (C^-1 = L L^T), computed in fp64.
+
+    A tiny ridge (relative to the mean eigenvalue) keeps C positive definite when the corpus leaves a
+    direction unexplored (e.g. padding positions that are nearly constant).
+    """
+    c = covariance.to(torch.float64)
+    c = 0.5 * (c + c.T)
+    d = c.shape[0]
+    c = c + ridge * torch.trace(c) / d * torch.eye(d, dtype=c.dtype, device=c.device)
+    chol_c = torch.linalg.cholesky(c)
+    c_inv = torch.cholesky_inverse(chol_c)
+    c_inv = 0.5 * (c_inv + c_inv.T)
+    root = torch.linalg.cholesky(c_inv)
+    return c_inv, root
+
+
+def make_basis(
+    targets: torch.Tensor,
+    c_inv: torch.Tensor,
+    root: torch.Tensor,
+    beta: torch.Tensor,
+    tau: torch.Tensor,
+    *,
+    exact: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> Basis:
+    """Build U, A, G for target inputs `targets` [N, D]. Refuses numerically dependent targets."""
+    i_star = targets.to(torch.float64).T  # [D, N]
+    cinv_i = c_inv @ i_star  # [D, N]
+    energy = (i_star * cinv_i).sum(0)  # [N]
+    if (energy <= 0).any():
+        raise IncompatibleConcepts("a concept's target input has zero energy under C^-1")
+    gate = cinv_i / energy
+    n = i_star.shape[1]
+    if not exact:  # the single-concept formula P e = sum_c s_c(e) i*_c, applied per concept
+        if n > 1:
+            _check_independent(root.T @ i_star)
+        u, a = i_star, gate
+    else:
+        q, r = torch.linalg.qr(root.T @ i_star)  # whiten, orthonormalise
+        _check_independent(r=r)
+        u = torch.linalg.solve_triangular(root.T, q, upper=True)  # L^-T Q
+        a = c_inv @ u
+    to = dict(dtype=dtype)
+    return Basis(u.to(**to), a.to(**to), gate.to(**to), beta.to(**to).reshape(n), tau.to(**to).reshape(n))
+
+
+def _check_independent(whitened: torch.Tensor | None = None, *, r: torch.Tensor | None = None) -> None:
+    if r is None:
+        _, r = torch.linalg.qr(whitened)
+    diag = r.diagonal().abs()
+    if diag.min() < DEPENDENCE_TOL * diag.max():
+        raise IncompatibleConcepts(
+            "the concepts' target inputs are (numerically) linearly dependent, so their edits cannot be "
+            "separated; compose fewer concepts or retrain one of them"
+        )
+
+
+def gates(e32: torch.Tensor, basis: Basis) -> torch.Tensor:
+    """sigmoid((s_c(e) - beta_c) / tau_c) for every position: [..., N]."""
+    return torch.sigmoid((e32 @ basis.G - basis.beta) / basis.tau)
+
+
+def similarity(e32: torch.Tensor, basis: Basis) -> torch.Tensor:
+    return e32 @ basis.G
+
+
+def edited_projection(
+    base_out: torch.Tensor,
+    e: torch.Tensor,
+    basis: Basis,
+    w_u: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    gate_override: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out(e) given base_out = W e (any dtype), w_u = W U [d, N] and targets o* [N, d] (fp32).
+
+    Returns fp32; the caller casts to the module's dtype. `gate_override` ([N] or broadcastable) replaces
+    the computed gates, which the property tests use to force a gate fully open or shut.
+    """
+    e32 = e.to(basis.G.dtype)
+    coeff = e32 @ basis.A  # [..., N]
+    g = gates(e32, basis) if gate_override is None else gate_override.to(e32.dtype).expand_as(coeff)
+    return base_out.to(e32.dtype) - coeff @ w_u.T + g @ targets
+
+
+def apply_edit(
+    weight: torch.Tensor,
+    e: torch.Tensor,
+    basis: Basis,
+    targets: torch.Tensor,
+    *,
+    gate_override: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference form for one projection with weight [d, D]: everything in fp32."""
+    w = weight.to(basis.U.dtype)
+    return edited_projection(e.to(w.dtype) @ w.T, e, basis, w @ basis.U, targets, gate_override=gate_override)

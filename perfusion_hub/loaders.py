@@ -1,0 +1,136 @@
+"""Load Perfusion concepts into a diffusers StableDiffusionPipeline, in the style of
+`load_textual_inversion` / `load_lora_weights` + `set_adapters`.
+
+    load_concepts(pipe, files, covariance=...)   add tokens + embeddings, install attn2 processors
+    set_concept_params(pipe, name, beta=, tau=)  per-concept gate
+    unload_concepts(pipe, names=None)            remove tokens and edits; with none left, the stock
+                                                 processors are back and the pipeline is as before
+
+Every concept is checked against the pipeline's base (digest, dimensions, layers) and against the
+covariance (same caption corpus) before anything in the pipeline changes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+
+from perfusion_hub.bases import compute_digest
+from perfusion_hub.concept import Concept, check_fits_base, load_concept
+from perfusion_hub.covariance import Covariance
+from perfusion_hub.errors import IncompatibleConcepts
+from perfusion_hub.processor import ConceptState, PerfusionRuntime, cross_attention_modules
+
+
+def runtime_of(pipe) -> PerfusionRuntime | None:
+    return getattr(pipe.unet, "_pfx_runtime", None)
+
+
+def loaded_concepts(pipe) -> list[str]:
+    rt = runtime_of(pipe)
+    return list(rt.concepts) if rt else []
+
+
+def _as_covariance(covariance) -> Covariance:
+    if isinstance(covariance, Covariance):
+        return covariance
+    if isinstance(covariance, str | os.PathLike):
+        return Covariance.load(covariance)
+    if isinstance(covariance, torch.Tensor):
+        return Covariance(covariance.double(), base_digest="", corpus_digest="", count=0)
+    raise TypeError("covariance must be a Covariance, a path to a covariance file, or a [D, D] tensor")
+
+
+def load_concepts(
+    pipe,
+    concepts: Iterable[str | os.PathLike | bytes | Concept],
+    *,
+    covariance,
+    base_name: str | None = None,
+    compatible_bases: Iterable[str] = (),
+    exact: bool = True,
+) -> list[str]:
+    """Load concepts (files, bytes or Concept objects) into `pipe`; returns their names.
+
+    `covariance` is the base's C (a Covariance, its file, or a tensor). A concept already loaded under the
+    same name is replaced. Nothing in the pipeline changes unless every concept passes its checks.
+    """
+    items = [c if isinstance(c, Concept) else load_concept(c) for c in concepts]
+    cov = _as_covariance(covariance)
+    digest = compute_digest(pipe)
+    layers = {p: m.to_k.out_features for p, m in cross_attention_modules(pipe.unet).items()}
+    dim = pipe.text_encoder.config.hidden_size
+    for c in items:
+        check_fits_base(c, base_name=base_name or "the pipeline's base", base_digest=digest, dim=dim,
+                        layers=layers, compatible=set(compatible_bases))
+    rt = runtime_of(pipe)
+    corpora = {c.metadata["corpus_digest"] for c in items} | ({rt.corpus_digest} if rt else set())
+    if cov.corpus_digest:
+        corpora.add(cov.corpus_digest)
+    if len(corpora) > 1:
+        raise IncompatibleConcepts(
+            "these concepts were trained against covariances from different caption corpora "
+            f"({', '.join(sorted(d[:19] for d in corpora))}); retrain them with one corpus"
+        )
+    triggers = [c.trigger for c in items]
+    if len(set(triggers)) != len(triggers):
+        raise IncompatibleConcepts(f"two concepts use the same token: {triggers}")
+    if len({c.name for c in items}) != len(items):
+        raise IncompatibleConcepts("the same concept name was given twice")
+
+    if rt is None:
+        rt = PerfusionRuntime(pipe.unet, cov.matrix, exact=exact)
+        rt.corpus_digest = next(iter(corpora))
+        pipe.unet._pfx_runtime = rt
+        rt.hook = pipe.text_encoder.register_forward_pre_hook(_observe(rt), with_kwargs=True)
+    for c in items:
+        if c.name in rt.concepts:
+            unload_concepts(pipe, [c.name], _keep_runtime=True)
+        clash = [n for n, s in rt.concepts.items() if s.token == c.trigger]
+        if clash or c.trigger in pipe.tokenizer.get_vocab():
+            raise IncompatibleConcepts(f"token {c.trigger} is already in use by the tokenizer")
+        pipe.load_textual_inversion(c.token_embedding.clone(), token=c.trigger)
+        token_id = pipe.tokenizer.convert_tokens_to_ids(c.trigger)
+        rt.add(ConceptState(
+            name=c.name, token=c.trigger, token_id=token_id, target_input=c.target_input,
+            superclass_input=c.superclass_input, value_targets=dict(c.value_targets), beta=c.beta, tau=c.tau,
+            metadata=dict(c.metadata, file_digest=c.digest),
+        ))
+    rt.install()
+    return [c.name for c in items]
+
+
+def _observe(rt: PerfusionRuntime):
+    def hook(module, args, kwargs):
+        ids = args[0] if args else kwargs.get("input_ids")
+        if ids is not None:
+            rt.observe_tokens(ids)
+
+    return hook
+
+
+def set_concept_params(pipe, name: str, *, beta: float | None = None, tau: float | None = None) -> None:
+    rt = runtime_of(pipe)
+    if rt is None or name not in rt.concepts:
+        raise KeyError(f"concept {name!r} is not loaded")
+    rt.set_gate(name, beta=beta, tau=tau)
+
+
+def unload_concepts(pipe, names: Iterable[str] | None = None, *, _keep_runtime: bool = False) -> None:
+    """Remove concepts (all by default). With none left, the pipeline is exactly as before loading."""
+    rt = runtime_of(pipe)
+    if rt is None:
+        return
+    names = list(rt.concepts) if names is None else list(names)
+    tokens = [rt.concepts[n].token for n in names if n in rt.concepts]
+    for n in names:
+        rt.remove(n)
+    if tokens:
+        pipe.unload_textual_inversion(tokens)
+        rt.refresh_token_ids(pipe.tokenizer)
+    if not rt.concepts and not _keep_runtime:
+        rt.uninstall()
+        rt.hook.remove()
+        del pipe.unet._pfx_runtime

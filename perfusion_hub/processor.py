@@ -1,0 +1,259 @@
+"""The attention processor that applies Perfusion edits on every cross-attention module (`attn2`).
+
+One `PerfusionRuntime` per UNet holds the concepts, the covariance and which concepts are active. A
+`PerfusionAttnProcessor` on each attn2 asks the runtime for the edited K/V; with no active concept it
+hands the call to the processor it replaced, so a prompt without concepts runs exactly the stock code
+(bit-identical images). Self-attention (`attn1`) is never touched.
+
+Which concepts are active: set explicitly (`runtime.activate([...])`, what `render` and the trainer do),
+or detected from the token ids the text encoder last saw (so a plain `pipe("a photo of <cat-mittens>")`
+works after `load_concepts`).
+
+At inference the edited text K/V are computed once per prompt and reused across denoising steps: the
+pipeline passes the same `encoder_hidden_states` tensor at every step, so the cache is keyed by that
+object (a strong reference is held, so the key cannot be recycled) and by the runtime's version, which
+any change of concepts, gates or weights bumps. The cache is bypassed whenever gradients are enabled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from perfusion_hub.edit import Basis, edited_projection, inverse_and_root, make_basis
+from perfusion_hub.errors import IncompatibleConcepts
+
+
+def cross_attention_modules(unet) -> dict[str, torch.nn.Module]:
+    """attn2 module path -> module, in the UNet's module order."""
+    from diffusers.models.attention_processor import Attention
+
+    return {n: m for n, m in unet.named_modules() if isinstance(m, Attention) and m.is_cross_attention}
+
+
+@dataclass
+class ConceptState:
+    """A concept as the runtime uses it. Tensors are fp32; value targets may be trainable Parameters."""
+
+    name: str
+    token: str
+    token_id: int | None
+    target_input: torch.Tensor  # i* [D]
+    superclass_input: torch.Tensor  # i_super [D]
+    value_targets: dict[str, torch.Tensor]  # attn2 path -> o*_V [d_l]
+    beta: float
+    tau: float
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class PerfusionRuntime:
+    def __init__(self, unet, covariance: torch.Tensor, *, exact: bool = True):
+        self.unet = unet
+        self.layers = cross_attention_modules(unet)
+        if not self.layers:
+            raise IncompatibleConcepts("this UNet has no cross-attention modules to edit")
+        self.c_inv, self.root = inverse_and_root(covariance.cpu())
+        self.dim = self.c_inv.shape[0]
+        self.exact = exact
+        self.concepts: dict[str, ConceptState] = {}
+        self.training = False
+        self.global_lock = False
+        self.key_states: torch.Tensor | None = None  # global key-locking: encodings with superclass words
+        self.gate_override: torch.Tensor | None = None  # tests: force gates open/shut
+        self._explicit: list[str] | None = None
+        self._seen: list[str] = []
+        self._unet_ran = True
+        self.version = 0
+        self._basis_cache: tuple | None = None
+        self._layer_cache: dict[str, tuple] = {}
+        self._kv_cache: dict[str, tuple] = {}
+        self._originals: dict[str, object] = {}
+        self.corpus_digest = ""
+        self.hook = None  # the text encoder's pre-hook that feeds observe_tokens
+
+    # ---- concepts -------------------------------------------------------------------------------
+    def add(self, state: ConceptState) -> None:
+        if state.target_input.shape[0] != self.dim:
+            raise IncompatibleConcepts(
+                f"{state.name} has {state.target_input.shape[0]}-d encodings; the covariance is {self.dim}-d"
+            )
+        missing = set(self.layers) - set(state.value_targets)
+        if missing:
+            raise IncompatibleConcepts(f"{state.name} lacks value targets for {sorted(missing)[0]}")
+        self.concepts[state.name] = state
+        self.touch()
+
+    def remove(self, name: str) -> None:
+        self.concepts.pop(name, None)
+        if self._explicit is not None:
+            self._explicit = [n for n in self._explicit if n != name]
+        self.touch()
+
+    def set_gate(self, name: str, *, beta: float | None = None, tau: float | None = None) -> None:
+        c = self.concepts[name]
+        if beta is not None:
+            c.beta = float(beta)
+        if tau is not None:
+            if tau <= 0:
+                raise ValueError("tau must be positive")
+            c.tau = float(tau)
+        self.touch()
+
+    def refresh_token_ids(self, tokenizer) -> None:
+        """Token ids shift when another concept's token is removed from the tokenizer."""
+        for c in self.concepts.values():
+            c.token_id = tokenizer.convert_tokens_to_ids(c.token)
+
+    def touch(self) -> None:
+        """Invalidate every cache (concepts, gates, targets or weights changed)."""
+        self.version += 1
+        self._basis_cache = None
+        self._layer_cache.clear()
+        self._kv_cache.clear()
+
+    # ---- activation -----------------------------------------------------------------------------
+    def activate(self, names: list[str] | None) -> None:
+        """Use exactly these concepts (None: detect them from the prompt's tokens)."""
+        if names is not None:
+            unknown = [n for n in names if n not in self.concepts]
+            if unknown:
+                raise KeyError(f"concepts not loaded: {', '.join(unknown)}")
+            names = list(dict.fromkeys(names))
+        self._explicit = names
+        self._kv_cache.clear()
+
+    def active(self) -> list[str]:
+        return self._explicit if self._explicit is not None else self._seen
+
+    def observe_tokens(self, input_ids: torch.Tensor) -> None:
+        """Called before every text-encoder forward: remember which concept tokens the prompt holds."""
+        if self._unet_ran:
+            self._seen = []
+            self._unet_ran = False
+        present = set(torch.unique(input_ids).tolist())
+        for name, c in self.concepts.items():
+            if c.token_id in present and name not in self._seen:
+                self._seen.append(name)
+
+    # ---- math -----------------------------------------------------------------------------------
+    def basis(self, names: list[str], device) -> Basis:
+        key = (tuple(names), str(device))
+        if self._basis_cache is not None and self._basis_cache[0] == key:
+            return self._basis_cache[1]
+        cs = [self.concepts[n] for n in names]
+        targets = torch.stack([c.target_input.detach().cpu().double() for c in cs])
+        beta = torch.tensor([c.beta for c in cs], dtype=torch.float64)
+        tau = torch.tensor([c.tau for c in cs], dtype=torch.float64)
+        b = make_basis(targets, self.c_inv, self.root, beta, tau, exact=self.exact)
+        b = Basis(*(t.to(device) for t in (b.U, b.A, b.G, b.beta, b.tau)))
+        self._basis_cache = (key, b)
+        return b
+
+    def layer_terms(self, path: str, attn, names: list[str], basis: Basis):
+        """(W_K U, W_V U, O_K, O_V) for one layer, fp32. O_V stays differentiable during training."""
+        key = tuple(names)
+        cached = self._layer_cache.get(path)
+        if cached is not None and cached[0] == key and not self.training:
+            return cached[1]
+        wk = attn.to_k.weight.detach().float()
+        wv = attn.to_v.weight.detach().float()
+        supers = torch.stack([self.concepts[n].superclass_input.detach().to(wk.device).float() for n in names])
+        o_k = supers @ wk.T  # key-locking: o*_K = W_K i_super (frozen)
+        o_v = torch.stack([self.concepts[n].value_targets[path].to(wk.device).float() for n in names])
+        terms = (wk @ basis.U, wv @ basis.U, o_k, o_v)
+        if not self.training:
+            self._layer_cache[path] = (key, terms)
+        return terms
+
+    def key_value(self, path: str, attn, ehs: torch.Tensor, names: list[str]):
+        cacheable = not self.training and not torch.is_grad_enabled()
+        if cacheable:
+            hit = self._kv_cache.get(path)
+            if hit is not None and hit[0] is ehs and hit[1] == (self.version, tuple(names)):
+                return hit[2], hit[3]
+        basis = self.basis(names, ehs.device)
+        wk_u, wv_u, o_k, o_v = self.layer_terms(path, attn, names, basis)
+        override = self.gate_override
+        if self.global_lock and self.key_states is not None and self.key_states.shape == ehs.shape:
+            key = attn.to_k(self.key_states)
+        else:
+            key = edited_projection(attn.to_k(ehs), ehs, basis, wk_u, o_k, gate_override=override).to(ehs.dtype)
+        value = edited_projection(attn.to_v(ehs), ehs, basis, wv_u, o_v, gate_override=override).to(ehs.dtype)
+        if cacheable:
+            self._kv_cache[path] = (ehs, (self.version, tuple(names)), key, value)
+        return key, value
+
+    # ---- installation ---------------------------------------------------------------------------
+    def install(self) -> None:
+        for path, attn in self.layers.items():
+            if isinstance(attn.processor, PerfusionAttnProcessor):
+                continue
+            self._originals[path] = attn.processor
+            attn.set_processor(PerfusionAttnProcessor(self, path, attn.processor))
+
+    def uninstall(self) -> None:
+        for path, attn in self.layers.items():
+            if isinstance(attn.processor, PerfusionAttnProcessor) and path in self._originals:
+                attn.set_processor(self._originals[path])
+        self._originals.clear()
+
+    def installed(self) -> bool:
+        return all(isinstance(a.processor, PerfusionAttnProcessor) for a in self.layers.values())
+
+
+class PerfusionAttnProcessor:
+    """Mirror of diffusers' AttnProcessor2_0 whose K/V come from the runtime's edit."""
+
+    def __init__(self, runtime: PerfusionRuntime, path: str, original):
+        self.runtime = runtime
+        self.path = path
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        rt = self.runtime
+        rt._unet_ran = True
+        names = rt.active()
+        if not names or encoder_hidden_states is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        key, value = rt.key_value(self.path, attn, encoder_hidden_states, names)
+
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                       is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

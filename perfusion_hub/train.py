@@ -1,0 +1,368 @@
+"""Training a Perfusion concept (spec/perfusion.md section 6).
+
+What is learned: the concept token's input embedding and one value target o*_V per attn2 layer. Key
+targets are locked to the superclass (o*_K = W_K i_super); i* follows an EMA of the concept token's
+encoding (0.99 / 0.01, once per optimizer step over the whole effective batch, no gradient through it).
+Nothing else has a gradient: every base weight is frozen.
+
+Speed choices (the base and the UNet's own cost dominate): VAE latents of every photo and its flip are
+computed once; the text encoder runs once per micro-batch on the distinct templates only; all sampling
+(images, flips, templates, noise, timesteps) comes from one seeded CPU generator, so a run is
+deterministic on CPU and a resumed run continues exactly where the checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from perfusion_hub.concept import Concept, FORMAT, FORMAT_VERSION, atomic_write_bytes, save_concept
+from perfusion_hub.covariance import Covariance
+from perfusion_hub.errors import BadInput
+from perfusion_hub.photos import load_photos
+from perfusion_hub.processor import ConceptState, PerfusionRuntime
+
+TEMPLATES = (
+    "a photo of a {}",
+    "a good photo of a {}",
+    "the photo of a {}",
+    "a good photo of the {}",
+    "an image of a {}",
+    "an image of the {}",
+    "a photograph of {}",
+    "a {} shown in a photo",
+    "a photo of {}",
+)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    batch_size: int = 16  # effective batch per optimizer step
+    micro_batch: int = 0  # 0: as large as the device comfortably takes (16 on GPU, 4 on CPU)
+    lr_values: float = 0.03
+    lr_embedding: float = 0.006
+    weight_decay: float = 0.0
+    train_beta: float = 0.75
+    train_tau: float = 0.1
+    beta: float = 0.7  # inference defaults written into the concept
+    tau: float = 0.15
+    ema: float = 0.99
+    flip: bool = True
+    seed: int = 0
+    checkpoint_every: int = 50
+    previews: int = 2
+    preview_steps: int = 25
+    templates: tuple[str, ...] = TEMPLATES
+
+
+@dataclass
+class TrainResult:
+    concept: Concept
+    path: Path
+    previews: list[Path]
+    losses: list[float]
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_superclass(tokenizer, superclass: str) -> int:
+    """The superclass must be one token of the base's tokenizer; returns its id."""
+    word = superclass.strip().lower()
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        pieces = [t.replace("</w>", "") for t in tokenizer.convert_ids_to_tokens(ids)]
+        raise BadInput(
+            f"superclass {superclass!r} is {len(ids)} tokens for this base ({' + '.join(pieces)}); "
+            "choose a single-token word such as a plain noun (cat, dog, chair)"
+        )
+    return ids[0]
+
+
+class _EmbeddingOverride:
+    """Forward hook on the token-embedding module: rows of `token_id` become the trainable vector."""
+
+    def __init__(self, module, token_id: int, vector: torch.nn.Parameter):
+        self.token_id, self.vector = token_id, vector
+        self.ids: torch.Tensor | None = None
+        self.pre = module.register_forward_pre_hook(self._remember)
+        self.post = module.register_forward_hook(self._replace)
+
+    def _remember(self, module, args):
+        self.ids = args[0]
+
+    def _replace(self, module, args, out):
+        mask = (self.ids == self.token_id).unsqueeze(-1)
+        return torch.where(mask, self.vector.to(out.dtype), out)
+
+    def remove(self):
+        self.pre.remove()
+        self.post.remove()
+
+
+def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+@torch.no_grad()
+def _encode_latents(vae, photos, flip: bool, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Latent mean/std of every photo (and its mirror), plus masks at latent size."""
+    import numpy as np
+
+    pix, masks = [], []
+    for p in photos:
+        a = torch.from_numpy(np.asarray(p.image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+        m = None if p.mask is None else torch.from_numpy(np.asarray(p.mask, dtype=np.float32) / 255.0)[None]
+        pix.append(a)
+        masks.append(m)
+        if flip:
+            pix.append(a.flip(-1))
+            masks.append(None if m is None else m.flip(-1))
+    x = torch.stack(pix).to(device, dtype)
+    means, stds = [], []
+    for chunk in x.split(8):
+        dist = vae.encode(chunk).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    mean, std = torch.cat(means), torch.cat(stds)
+    scale = vae.config.scaling_factor
+    if any(m is not None for m in masks):
+        full = torch.stack([torch.ones_like(pix[0][:1]) if m is None else m for m in masks])
+        lat = torch.nn.functional.interpolate(full, size=mean.shape[-2:], mode="area").to(device)
+    else:
+        lat = None
+    return mean * scale, std * scale, lat
+
+
+def _checkpoint_meta(name, superclass, photos, cfg: TrainConfig, base_digest) -> dict:
+    return {
+        "name": name, "superclass": superclass, "base_digest": base_digest,
+        "images": [p.digest for p in photos], "config": {k: v for k, v in asdict(cfg).items() if k != "previews"},
+    }
+
+
+def train_concept(
+    base,
+    photos_dir: str | Path,
+    *,
+    name: str,
+    superclass: str,
+    covariance: Covariance,
+    out_path: str | Path,
+    version: str = "0.1.0",
+    config: TrainConfig | None = None,
+    checkpoint_path: str | Path | None = None,
+    resume: bool = False,
+    progress: Callable[[int, int, float], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+    license: str = "",
+    description: str = "",
+    fast: bool = False,
+) -> TrainResult:
+    """Train `name` from the photos in `photos_dir` on `base` (a perfusion_hub.bases.Base)."""
+    cfg = config or TrainConfig()
+    t0 = time.perf_counter()
+    pipe = base.pipe
+    tok, te, unet, vae, sched = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, pipe.scheduler
+    device, dtype = torch.device(base.device), base.dtype
+    warnings_seen: list[str] = []
+
+    def _warn(msg):
+        warnings_seen.append(msg)
+        if warn:
+            warn(msg)
+
+    super_id = check_superclass(tok, superclass)
+    photos = load_photos(photos_dir, base.resolution, warn=_warn)
+    if covariance.base_digest and covariance.base_digest != base.digest:
+        raise BadInput("the covariance was computed for another base; recompute it for this one")
+    base_digest = base.digest
+    trigger = f"<{name}>"
+    if trigger in tok.get_vocab():
+        raise BadInput(f"token {trigger} is already in the tokenizer (a concept of that name is loaded)")
+
+    for m in (unet, vae, te):
+        m.requires_grad_(False)
+        m.eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    micro = cfg.micro_batch or (16 if device.type == "cuda" else 4)
+    micro = max(1, min(micro, cfg.batch_size))
+    accum = math.ceil(cfg.batch_size / micro)
+
+    mean, std, masks = _encode_latents(vae, photos, cfg.flip, device, dtype)
+    n_lat = mean.shape[0]
+
+    # i_super: the superclass word's contextual encoding, averaged over the first batch's prompts.
+    first_templates = torch.randint(len(cfg.templates), (cfg.batch_size,), generator=torch.Generator().manual_seed(cfg.seed))
+    with torch.no_grad():
+        sup_ids = _tokenize(tok, [cfg.templates[i].format(superclass) for i in first_templates.tolist()], device)
+        enc = te(sup_ids)[0].float()
+        i_super = enc[sup_ids == super_id].mean(0).cpu()
+
+    emb_init = te.get_input_embeddings().weight[super_id].detach().float().clone()
+    pipe.load_textual_inversion(emb_init.clone(), token=trigger)
+    token_id = tok.convert_tokens_to_ids(trigger)
+    template_ids = _tokenize(tok, [t.format(trigger) for t in cfg.templates], device)
+
+    rt = PerfusionRuntime(unet, covariance.matrix)
+    layers = rt.layers
+    values = {p: torch.nn.Parameter((a.to_v.weight.detach().float() @ i_super.to(device))) for p, a in layers.items()}
+    embedding = torch.nn.Parameter(emb_init.to(device))
+    state = ConceptState(name, trigger, token_id, i_super.clone(), i_super.clone(), values, cfg.train_beta, cfg.train_tau)
+    rt.add(state)
+    rt.training = True
+    rt.install()
+    rt.activate([name])
+    hook = _EmbeddingOverride(te.get_input_embeddings(), token_id, embedding)
+    opt = torch.optim.AdamW(
+        [{"params": list(values.values()), "lr": cfg.lr_values}, {"params": [embedding], "lr": cfg.lr_embedding}],
+        weight_decay=cfg.weight_decay,
+    )
+    step, losses = 0, []
+    ckpt_meta = _checkpoint_meta(name, superclass, photos, cfg, base_digest)
+    ckpt = Path(checkpoint_path) if checkpoint_path else None
+    if resume and ckpt and ckpt.exists():
+        step, losses = _load_checkpoint(ckpt, ckpt_meta, values, embedding, state, opt, gen)
+    unet_fn = _fast_unet(unet) if fast else unet
+
+    try:
+        while step < cfg.steps:
+            opt.zero_grad(set_to_none=True)
+            concept_enc = torch.zeros(te.config.hidden_size, dtype=torch.float64, device=device)
+            n_enc, total = 0, 0.0
+            for k in range(accum):
+                b = min(micro, cfg.batch_size - k * micro)
+                idx = torch.randint(n_lat, (b,), generator=gen)
+                t_idx = torch.randint(len(cfg.templates), (b,), generator=gen)
+                noise = torch.randn((b, *mean.shape[1:]), generator=gen)
+                eps = torch.randn((b, *mean.shape[1:]), generator=gen)
+                timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen)
+                uniq, inverse = torch.unique(t_idx, return_inverse=True)
+                ids_u = template_ids[uniq.to(device)]
+                enc_u = te(ids_u)[0]
+                ehs = enc_u[inverse.to(device)]
+                with torch.no_grad():
+                    concept_enc += enc_u.detach().double()[ids_u == token_id][inverse.to(device)].sum(0)
+                    n_enc += b
+                latents = mean[idx.to(device)] + std[idx.to(device)] * eps.to(device)
+                noisy = sched.add_noise(latents, noise.to(device), timesteps.to(device))
+                pred = unet_fn(noisy.to(dtype), timesteps.to(device), ehs.to(dtype)).sample.float()
+                err = (pred - noise.to(device)) ** 2
+                if masks is not None:
+                    m = masks[idx.to(device)]
+                    loss = ((err * m).sum((1, 2, 3)) / (m.sum((1, 2, 3)) * err.shape[1]).clamp_min(1e-6)).mean()
+                else:
+                    loss = err.mean()
+                (loss * (b / cfg.batch_size)).backward()
+                total += loss.item() * b
+            opt.step()
+            with torch.no_grad():
+                state.target_input = cfg.ema * state.target_input + (1 - cfg.ema) * (concept_enc / n_enc).float().cpu()
+            rt.touch()
+            step += 1
+            losses.append(total / cfg.batch_size)
+            if progress:
+                progress(step, cfg.steps, losses[-1])
+            if ckpt and (step % cfg.checkpoint_every == 0) and step < cfg.steps:
+                _save_checkpoint(ckpt, ckpt_meta, step, losses, values, embedding, state, opt, gen)
+    finally:
+        hook.remove()
+        rt.uninstall()
+        pipe.unload_textual_inversion(trigger)
+
+    concept = Concept(
+        metadata=_concept_metadata(name, version, superclass, trigger, base, covariance, cfg, photos, license,
+                                   description, step, losses),
+        token_embedding=embedding.detach().float().cpu(),
+        target_input=state.target_input.detach().float().cpu(),
+        superclass_input=i_super.float(),
+        value_targets={p: v.detach().float().cpu() for p, v in values.items()},
+    )
+    out = save_concept(concept, out_path)
+    if ckpt and ckpt.exists():
+        ckpt.unlink()
+    previews = []
+    if cfg.previews:
+        from perfusion_hub.render import render_previews
+
+        previews = render_previews(base, concept, covariance, out.with_suffix(""), count=cfg.previews,
+                                   steps=cfg.preview_steps, seed=cfg.seed)
+    return TrainResult(concept, out, previews, losses, time.perf_counter() - t0, warnings_seen)
+
+
+def _fast_unet(unet):
+    """The compiled UNet forward used by `fast=True` (same math; see tests/test_train.py)."""
+    return torch.compile(unet, dynamic=False)
+
+
+def _concept_metadata(name, version, superclass, trigger, base, cov, cfg, photos, license, description, step, losses):
+    from perfusion_hub import __version__
+
+    training = {
+        "steps": step, "batch_size": cfg.batch_size, "lr_values": cfg.lr_values, "lr_embedding": cfg.lr_embedding,
+        "weight_decay": cfg.weight_decay, "train_beta": cfg.train_beta, "train_tau": cfg.train_tau,
+        "ema": cfg.ema, "flip": cfg.flip, "seed": cfg.seed, "num_images": len(photos),
+        "image_digests": [p.digest for p in photos], "masks": sum(p.mask is not None for p in photos),
+        "final_loss": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 6), "resolution": base.resolution,
+    }
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "version": version,
+        "superclass": superclass, "trigger": trigger, "base_name": base.name, "base_digest": base.digest,
+        "covariance_digest": cov.digest, "corpus_digest": cov.corpus_digest,
+        "beta": repr(cfg.beta), "tau": repr(cfg.tau), "key_lock": "local", "training": json.dumps(training, sort_keys=True),
+        "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(), "license": license,
+        "description": description, "pfx_version": __version__,
+    }
+
+
+def _save_checkpoint(path: Path, meta, step, losses, values, embedding, state, opt, gen):
+    from safetensors.torch import save
+
+    tensors = {f"value.{p}": v.detach().cpu() for p, v in values.items()}
+    tensors["embedding"] = embedding.detach().cpu()
+    tensors["target_input"] = state.target_input.detach().cpu()
+    tensors["generator"] = gen.get_state()
+    params = list(values.values()) + [embedding]
+    for i, p in enumerate(params):
+        st = opt.state.get(p, {})
+        for k in ("exp_avg", "exp_avg_sq"):
+            if k in st:
+                tensors[f"opt.{i}.{k}"] = st[k].detach().cpu()
+        if "step" in st:
+            tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"]).reshape(1).float().cpu()
+    body = dict(meta, step=step, losses=losses)
+    atomic_write_bytes(path, save(tensors, metadata={"pfx_checkpoint": json.dumps(body)}))
+
+
+def _load_checkpoint(path: Path, meta, values, embedding, state, opt, gen):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        body = json.loads(f.metadata()["pfx_checkpoint"])
+        if {k: body.get(k) for k in meta} != meta:
+            raise BadInput(f"checkpoint {path} belongs to another run (name, photos or settings differ); "
+                           "delete it or train without --resume")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    with torch.no_grad():
+        for p, v in values.items():
+            v.copy_(tensors[f"value.{p}"])
+        embedding.copy_(tensors["embedding"])
+    state.target_input = tensors["target_input"].float()
+    gen.set_state(tensors["generator"])
+    params = list(values.values()) + [embedding]
+    for i, p in enumerate(params):
+        if f"opt.{i}.exp_avg" in tensors:
+            opt.state[p] = {
+                "step": tensors[f"opt.{i}.step"].reshape(()).clone(),
+                "exp_avg": tensors[f"opt.{i}.exp_avg"].to(p.device),
+                "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].to(p.device),
+            }
+    return int(body["step"]), list(body["losses"])
