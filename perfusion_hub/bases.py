@@ -106,6 +106,7 @@ class Base:
     device: str
     dtype: object
     _digest: str | None = field(default=None, repr=False)
+    compatible: set = field(default_factory=set)  # other base digests whose concepts this base accepts
 
     @property
     def name(self) -> str:

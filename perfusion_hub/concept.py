@@ -317,16 +317,36 @@ def load_concept(path: str | os.PathLike | bytes) -> Concept:
     )
 
 
+def serialize_safetensors(tensors: dict[str, tuple[str, tuple[int, ...], bytes]], metadata: dict[str, str]) -> bytes:
+    """Canonical safetensors bytes: tensors in name order, metadata keys sorted, compact JSON.
+
+    The safetensors library orders metadata by hash, so the same concept could get different bytes (and
+    digests) from run to run; writing the (simple) format here makes equal concepts byte-identical.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset, chunks = 0, []
+    for name in sorted(tensors):
+        dtype, shape, data = tensors[name]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        chunks.append(data)
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
+
+
 def concept_bytes(concept: Concept, *, dtype: str = "fp32") -> bytes:
     import torch
-    from safetensors.torch import save as st_save
 
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    torch_dtype, code = {"fp32": (torch.float32, "F32"), "fp16": (torch.float16, "F16")}[dtype]
     meta = dict(concept.metadata)
     meta.setdefault("format", FORMAT)
     meta.setdefault("format_version", FORMAT_VERSION)
-    tensors = {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in concept.tensors().items()}
-    data = st_save(tensors, metadata=meta)
+    tensors = {}
+    for k, v in concept.tensors().items():
+        t = v.detach().to("cpu", torch_dtype).contiguous()
+        tensors[k] = (code, tuple(t.shape), t.view(torch.uint8).numpy().tobytes())
+    data = serialize_safetensors(tensors, meta)
     read_header_bytes(data)  # never write a file we would refuse to read
     return data
 

@@ -1,0 +1,377 @@
+"""`pfx train`, `pfx render`, `pfx base ...`: the commands that load a model.
+
+torch/diffusers are imported inside the command bodies only. The glue between the engine and the
+store lives here: which base to use, the base digest cache, and the covariance companion (looked up in
+the store by (base digest, corpus digest), computed and stored once when missing).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from cli.output import emit, progress, table
+from registry.errors import NotFound, OfflineError, UsageError
+
+EMBEDDED_NOTICE = (
+    "note: using the embedded '{name}' base (tiny, random weights: it shows the workflow, not real images); "
+    "for real images pass --base stable-diffusion-v1-5/stable-diffusion-v1-5 or set PFX_BASE"
+)
+
+
+def base_value(ctx_obj, explicit: str | None) -> str:
+    """--base, then PFX_BASE, then config.toml's default_base, then the embedded base (with a notice).
+
+    A name registered with `pfx base add` stands for its location."""
+    value = explicit or os.environ.get("PFX_BASE") or ctx_obj.home.config.get("default_base")
+    aliases = ctx_obj.home.config.get("bases", {})
+    if value in aliases:
+        value = aliases[value]["location"]
+    if not value:
+        from perfusion_hub.bases import DEFAULT_BASE
+
+        click.echo(EMBEDDED_NOTICE.format(name=DEFAULT_BASE), err=True)
+        value = DEFAULT_BASE
+    return value
+
+
+def open_base(ctx_obj, value: str, *, device=None, dtype=None, tokenizer=None):
+    """Load the base; its digest comes from the home's cache when the files are unchanged."""
+    from perfusion_hub.bases import cache_key, load_base
+
+    base = load_base(value, device=device, dtype=dtype, tokenizer=tokenizer, offline=ctx_obj.offline)
+    key = cache_key(base.spec)
+    cached = ctx_obj.home.get_base_digest(key)
+    if cached and base.spec.kind != "hub":
+        base._digest = cached
+        base.pipe._pfx_base_digest = cached
+    else:
+        ctx_obj.home.set_base_digest(key, base.name, base.digest)
+    base.compatible = {d for spec in ctx_obj.home.config.get("bases", {}).values()
+                       if spec.get("location") == base.spec.location for d in spec.get("compatible", [])}
+    return base
+
+
+def base_covariance(ctx_obj, base, captions: str | None = None, *, required_corpus: str | None = None):
+    """C for (base, corpus): from the store, else estimated once (progress bar) and stored."""
+    from perfusion_hub.corpus import corpus_digest, load_captions
+    from perfusion_hub.covariance import Covariance, estimate, packaged_covariance
+
+    home = ctx_obj.home
+    lines = load_captions(captions)
+    corpus = corpus_digest(lines)
+    if required_corpus and required_corpus != corpus:
+        found = home.find_covariance(base.digest, required_corpus)
+        if not found:
+            raise NotFound(
+                f"no covariance for this base and the caption corpus {required_corpus[:19]} the concept was "
+                "trained with", hint="install the concept from its registry (it ships the covariance)")
+        return Covariance.from_bytes(home.store.read_bytes(found), found)
+    found = home.find_covariance(base.digest, corpus)
+    if found:
+        return Covariance.from_bytes(home.store.read_bytes(found), found)
+    cov = packaged_covariance(base) if captions is None else None
+    if cov is not None:
+        digest, _ = home.store.put_bytes(cov.to_bytes())
+        home.add_covariance(digest, base_digest=base.digest, corpus_digest=corpus)
+        return cov
+    with progress(len(lines), "covariance") as bar:
+        last = [0]
+
+        def step(done, total):
+            bar.update(done - last[0])
+            last[0] = done
+
+        cov = estimate(base.pipe.tokenizer, base.pipe.text_encoder, lines, base_digest=base.digest,
+                       corpus_digest=corpus, progress=step)
+    digest, _ = home.store.put_bytes(cov.to_bytes())
+    home.add_covariance(digest, base_digest=base.digest, corpus_digest=corpus)
+    return cov
+
+
+def _parse_assignments(values: tuple[str, ...], flag: str) -> dict[str, float]:
+    out = {}
+    for v in values:
+        name, sep, num = v.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[name.strip()] = float(num)
+        except ValueError:
+            raise click.BadParameter(f"expected NAME=NUMBER, got {v!r}", param_hint=flag) from None
+    return out
+
+
+def _parse_sweep(text: str) -> list[float]:
+    try:
+        lo, hi, n = text.split(":")
+        lo, hi, n = float(lo), float(hi), int(n)
+        if n < 2 or n > 32:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter("expected LO:HI:N with 2 <= N <= 32, e.g. 0.5:0.9:5", param_hint="--sweep-beta") from None
+    return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+
+
+def installed_concepts(ctx_obj, names: list[str], *, install_missing: bool):
+    """Concept objects for installed names (installing missing ones first with --install)."""
+    from registry.names import parse_ref
+
+    home = ctx_obj.home
+    rows, missing = {}, []
+    for n in names:
+        row = home.find_installed(parse_ref(n))
+        if row is None:
+            missing.append(n)
+        else:
+            rows[n] = row
+    if missing and install_missing:
+        if ctx_obj.offline:
+            raise OfflineError(f"not installed: {', '.join(missing)}; pfx is offline, so nothing can be fetched")
+        from registry.install import install
+
+        install(home, missing)
+        for n in missing:
+            rows[n] = home.find_installed(parse_ref(n))
+    elif missing:
+        raise NotFound(f"not installed: {', '.join(missing)}",
+                       hint=f"run `pfx install {' '.join(missing)}` or add --install")
+    return [(rows[n], home.manifest(rows[n]["manifest"])) for n in names]
+
+
+def _concepts_for(ctx_obj, base, pairs):
+    """Load concept files from the store, check them against the base, and find the covariance."""
+    from perfusion_hub.concept import check_fits_base, load_concept
+    from perfusion_hub.covariance import Covariance
+
+    home = ctx_obj.home
+    concepts = []
+    for row, manifest in pairs:
+        c = load_concept(home.store.read_bytes(manifest.concept["digest"]))
+        check_fits_base(c, base_name=base.name, base_digest=base.digest, dim=base.dim, layers=base.layers(),
+                        compatible=base.compatible)
+        concepts.append(c)
+    if not concepts:
+        return [], None
+    covs = {m.covariance["digest"] for _, m in pairs if getattr(m, "covariance", None)}
+    if len(covs) == 1 and home.store.has(next(iter(covs))):
+        d = next(iter(covs))
+        return concepts, Covariance.from_bytes(home.store.read_bytes(d), d)
+    return concepts, base_covariance(ctx_obj, base, required_corpus=concepts[0].metadata["corpus_digest"])
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(train)
+    cli.add_command(render)
+    cli.add_command(base_group)
+
+
+@click.command()
+@click.argument("photos", type=click.Path(exists=True, file_okay=False))
+@click.option("--name", required=True, help="Concept name, e.g. cat-mittens (or ns/name).")
+@click.option("--superclass", required=True, help="One-token word for what it is: cat, dog, chair...")
+@click.option("--version", "version_", help="Version to create (default: 0.1.0, or the next minor).")
+@click.option("--base", help="Base model (default: PFX_BASE, config, else the embedded base).")
+@click.option("--steps", type=click.IntRange(1, 100_000), default=400, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=16, show_default=True, help="Effective batch.")
+@click.option("--micro-batch", type=click.IntRange(0, 1024), default=0, help="Per forward (0: auto).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-flip", is_flag=True, help="No horizontal flips (asymmetric subjects).")
+@click.option("--devices", type=click.IntRange(1, 64), default=1, show_default=True, help="GPUs, data-parallel.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint of the same run.")
+@click.option("--fast", is_flag=True, help="Compile the UNet (GPU; same math).")
+@click.option("--captions", type=click.Path(exists=True, dir_okay=False), help="Caption file for the covariance.")
+@click.option("--device", help="cuda, cuda:1, cpu, mps (untested) or auto.")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto")
+@click.option("--tokenizer", type=click.Path(exists=True, file_okay=False), help="Tokenizer folder (single-file bases).")
+@click.option("--previews", type=click.IntRange(0, 16), default=2, show_default=True)
+@click.option("--license", "license_", default="", help="SPDX id recorded in the concept.")
+@click.option("--description", default="")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def train(obj, photos, name, superclass, version_, base, steps, batch_size, micro_batch, seed, no_flip, devices,
+          resume, fast, captions, device, dtype, tokenizer, previews, license_, description, as_json):
+    """Learn a concept from a folder of photos (optional masks/ beside them)."""
+    from registry.names import validate_name
+    from registry.versions import parse_version
+
+    home = obj.home
+    validate_name(name)
+    if version_:
+        parse_version(version_)
+    version_ = version_ or home.next_version(name)
+    if home.find_installed(_exact(name, version_)):
+        raise UsageError(f"{name}@{version_} already exists; pass --version with a new version")
+    if devices > 1:
+        raise UsageError("--devices > 1 needs torch.distributed; run `torchrun --nproc-per-node N -m cli.main train ...`")
+    from perfusion_hub.train import TrainConfig, train_concept
+
+    b = open_base(obj, base_value(obj, base), device=device, dtype=dtype, tokenizer=tokenizer)
+    cov = base_covariance(obj, b, captions)
+    work = home.root / "work"
+    work.mkdir(exist_ok=True)
+    run_id = f"{name.replace('/', '--')}-{version_}"
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, micro_batch=micro_batch, seed=seed, flip=not no_flip,
+                      previews=previews)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=work) as tmp, progress(steps, "train") as bar:
+        def on_step(step, total, loss):
+            bar.update(1)
+            bar.set_postfix(f"loss {loss:.4f}")
+
+        result = train_concept(
+            b, photos, name=name, superclass=superclass, covariance=cov, version=version_,
+            out_path=Path(tmp) / "concept.safetensors", config=cfg, checkpoint_path=work / f"{run_id}.ckpt",
+            resume=resume, progress=on_step, warn=lambda m: click.echo(f"warning: {m}", err=True),
+            license=license_, description=description, fast=fast,
+        )
+        manifest = home.add_concept_file(
+            result.path, previews=result.previews, description=description, license=license_,
+            covariance={"digest": cov.digest, "size": len(cov.to_bytes()), "base_digest": b.digest,
+                        "corpus_digest": cov.corpus_digest},
+        )
+    info = {
+        "name": name, "version": version_, "manifest": manifest.digest, "concept": manifest.concept,
+        "base": b.name, "base_digest": b.digest, "steps": steps, "seconds": round(time.perf_counter() - t0, 2),
+        "final_loss": round(sum(result.losses[-10:]) / max(1, len(result.losses[-10:])), 5),
+        "skipped": result.warnings,
+    }
+    emit(info, as_json, lambda d: click.echo(
+        f"trained {name}@{version_} in {d['seconds']} s ({manifest.concept['size']:,} bytes, "
+        f"final loss {d['final_loss']}); render it with: pfx render \"a photo of {name}\""))
+
+
+def _exact(name, version):
+    from registry.names import parse_ref
+
+    return parse_ref(f"{name}@{version}")
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--with", "with_names", multiple=True, help="Bind NAME to its superclass word in the prompt.")
+@click.option("--base", help="Base model (default: PFX_BASE, config, else the embedded base).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 1000), help="Denoising steps (default 25 tiny, 50 otherwise).")
+@click.option("--guidance", type=float, default=7.5, show_default=True)
+@click.option("--beta", multiple=True, help="NAME=VALUE gate bias (lower: stronger concept).")
+@click.option("--tau", multiple=True, help="NAME=VALUE gate temperature.")
+@click.option("--global-lock", is_flag=True, help="Global key-locking (useful beta about 0.4-0.6).")
+@click.option("--sweep-beta", help="LO:HI:N: one labelled grid over N betas, same seed.")
+@click.option("-n", "--count", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="render.png", show_default=True)
+@click.option("--negative", help="Negative prompt.")
+@click.option("--install", "install_missing", is_flag=True, help="Install referenced concepts that are missing.")
+@click.option("--device", help="cuda, cpu, mps (untested) or auto.")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto")
+@click.option("--tokenizer", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def render(obj, prompt, with_names, base, seed, steps, guidance, beta, tau, global_lock, sweep_beta, count, output,
+           negative, install_missing, device, dtype, tokenizer, as_json):
+    """Render PROMPT, composing the installed concepts it names (e.g. "cat-mittens on chair-eames")."""
+    from perfusion_hub.prompts import referenced_names
+
+    betas, taus = _parse_assignments(beta, "--beta"), _parse_assignments(tau, "--tau")
+    sweep = _parse_sweep(sweep_beta) if sweep_beta else None
+    home = obj.home
+    candidates = sorted({r["name"] for r in home.installed()} | set(with_names))
+    names = list(dict.fromkeys(referenced_names(prompt, candidates) + list(with_names)))
+    pairs = installed_concepts(obj, names, install_missing=install_missing)
+    value = base_value(obj, base)
+    from perfusion_hub.bases import resolve_spec
+    from perfusion_hub.render import beta_grid
+    from perfusion_hub.render import render as do_render
+
+    b = open_base(obj, value, device=device, dtype=dtype, tokenizer=tokenizer)
+    concepts, cov = _concepts_for(obj, b, pairs)
+    steps = steps or (25 if resolve_spec(value).kind == "embedded" else 50)
+    kw = dict(concepts=concepts, covariance=cov, with_names=list(with_names), seed=seed, steps=steps,
+              guidance=guidance, global_lock=global_lock, negative_prompt=negative)
+    t0 = time.perf_counter()
+    if sweep:
+        if taus:
+            kw["tau"] = taus
+        grid, used = beta_grid(b, prompt, sweep, **kw)
+        out = Path(output)
+        tmp = out.with_name(f".{out.name}.tmp")
+        grid.save(tmp, format="PNG")
+        tmp.replace(out)
+        info = {"files": [str(out)], "concepts": used, "betas": sweep}
+    else:
+        res = do_render(b, prompt, count=count, beta=betas, tau=taus, **kw)
+        files = res.save(output)
+        info = {"files": [str(f) for f in files], "concepts": res.concepts, "prompt": res.prompt,
+                "params": res.params}
+    info["seconds"] = round(time.perf_counter() - t0, 2)
+    emit(info, as_json, lambda d: click.echo("\n".join(d["files"])))
+
+
+@click.group("base")
+def base_group():
+    """Register base models and prepare their covariance."""
+
+
+@base_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def base_list(obj, as_json):
+    """Embedded and registered bases, with their digests when known."""
+    from perfusion_hub.bases import EMBEDDED
+
+    home = obj.home
+    rows = [{"name": n, "location": "(embedded)", "default": False} for n in EMBEDDED]
+    for n, spec in sorted(home.config.get("bases", {}).items()):
+        rows.append({"name": n, "location": spec["location"], "default": False})
+    default = os.environ.get("PFX_BASE") or home.config.get("default_base") or "tiny"
+    for r in rows:
+        r["default"] = r["name"] == default
+    emit(rows, as_json, lambda rs: table(rs, [("name", "NAME"), ("location", "LOCATION"), ("default", "DEFAULT")]))
+
+
+@base_group.command("add")
+@click.argument("name")
+@click.argument("location")
+@click.option("--default", "make_default", is_flag=True, help="Use it when --base is not given.")
+@click.option("--compatible-with", multiple=True, help="Base digest whose concepts this base accepts.")
+@click.pass_obj
+def base_add(obj, name, location, make_default, compatible_with):
+    """Register LOCATION (diffusers folder, .safetensors file or Hub id) under NAME."""
+    from perfusion_hub.bases import EMBEDDED, resolve_spec
+    from registry.names import validate_name
+
+    validate_name(name)
+    if name in EMBEDDED:
+        raise UsageError(f"{name} is an embedded base name; choose another")
+    spec = resolve_spec(location)
+    loc = spec.location
+    with obj.home.edit_config() as cfg:
+        cfg.setdefault("bases", {})[name] = {"location": loc, "kind": spec.kind}
+        if compatible_with:
+            cfg["bases"][name]["compatible"] = list(compatible_with)
+        if make_default:
+            cfg["default_base"] = name
+    click.echo(f"registered base {name} -> {loc}")
+
+
+@base_group.command("prepare")
+@click.option("--base", help="Base model (default as for render).")
+@click.option("--captions", type=click.Path(exists=True, dir_okay=False), help="Caption file (default: pfx's).")
+@click.option("--device")
+@click.option("--tokenizer", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def base_prepare(obj, base, captions, device, tokenizer, as_json):
+    """Compute the base digest and its covariance C once, and keep them in the store."""
+    t0 = time.perf_counter()
+    b = open_base(obj, base_value(obj, base), device=device, tokenizer=tokenizer)
+    cov = base_covariance(obj, b, captions)
+    info = {"base": b.name, "base_digest": b.digest, "covariance": cov.digest, "corpus_digest": cov.corpus_digest,
+            "dim": b.dim, "layers": len(b.layers()), "seconds": round(time.perf_counter() - t0, 2)}
+    emit(info, as_json, lambda d: click.echo(
+        f"{d['base']}: digest {d['base_digest'][:19]}..., covariance {d['covariance'][:19]}... ({d['seconds']} s)"))
+

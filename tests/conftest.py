@@ -1,0 +1,45 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    """The embedded tiny base on CPU in fp32 (loaded once per test session; tests must leave it clean)."""
+    import torch
+
+    from perfusion_hub.bases import load_base
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    return load_base("tiny", device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_cov(tiny_base):
+    from perfusion_hub.covariance import packaged_covariance
+
+    return packaged_covariance(tiny_base)
+
+
+@pytest.fixture
+def clean_base(tiny_base):
+    """The tiny base, guaranteed free of loaded concepts before and after the test."""
+    from perfusion_hub.loaders import unload_concepts
+
+    unload_concepts(tiny_base.pipe)
+    yield tiny_base
+    unload_concepts(tiny_base.pipe)
