@@ -1,0 +1,272 @@
+"""`s3://bucket/prefix` remote on any S3-compatible store, through boto3.
+
+Why our own retry loop instead of botocore's: we want one policy for every call (jittered
+exponential backoff on 429/5xx/SlowDown/timeouts/resets), we want a 412 to mean "condition failed"
+and never to be retried, and downloads are retried a level up (install.py) where the digest check
+lives, so a truncated or corrupted body costs one more GET instead of a bad file. botocore's own
+retries are therefore switched off (total_max_attempts=1).
+
+The connection pool is bounded (`max_pool_connections`) and sized to the download parallelism, so
+installing a thousand concepts never opens a thousand sockets.
+
+The endpoint comes from the remote's `endpoint_url`, else botocore's own chain (AWS_ENDPOINT_URL,
+AWS_ENDPOINT_URL_S3, config files); credentials from the remote's profile or the standard chain.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from registry.errors import IntegrityError, RemoteError
+from registry.remotes.base import CasFailed, Doc, KeyMissing, Remote, read_capped
+
+T = TypeVar("T")
+
+RETRY_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+    "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "BadGateway",
+    "GatewayTimeout", "ConditionalRequestConflict", "OperationAborted",
+}
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """s3://bucket/some/prefix -> ("bucket", "some/prefix/") (prefix empty or ending in '/')."""
+    if not url.startswith("s3://"):
+        raise RemoteError(f"not an s3:// URL: {url!r}")
+    rest = url[5:]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise RemoteError(f"{url!r} names no bucket", hint="use s3://bucket/prefix")
+    prefix = prefix.strip("/")
+    return bucket, (prefix + "/" if prefix else "")
+
+
+class S3Remote(Remote):
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        *,
+        endpoint_url: str | None = None,
+        profile: str | None = None,
+        read_only: bool = False,
+        single_writer: bool = False,
+        max_pool: int = 16,
+        attempts: int = 6,
+        backoff_base: float = 0.05,
+        backoff_cap: float = 2.0,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 20.0,
+    ):
+        import boto3
+        from botocore.config import Config
+
+        self.name, self.url = name, url
+        self.bucket, self.prefix = parse_s3_url(url)
+        self.read_only, self.single_writer = read_only, single_writer
+        self.attempts, self.backoff_base, self.backoff_cap = attempts, backoff_base, backoff_cap
+        session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
+        import os
+
+        custom = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        cfg = Config(
+            max_pool_connections=max_pool,
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            s3={"addressing_style": "path"} if custom else {},
+        )
+        self.client = session.client("s3", endpoint_url=endpoint_url or None, config=cfg)
+        self._lock = threading.Lock()
+        self.requests = 0  # HTTP requests sent (retries included): the figure DESIGN.md counts
+        self.client.meta.events.register("before-send.s3", self._count)
+
+    def _count(self, **_: Any) -> None:
+        with self._lock:
+            self.requests += 1
+
+    def _k(self, key: str) -> str:
+        return self.prefix + key
+
+    # -- the retry loop --------------------------------------------------------------------------
+    @staticmethod
+    def _status(e: Exception) -> tuple[int, str]:
+        resp = getattr(e, "response", None) or {}
+        return (
+            int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0),
+            str(resp.get("Error", {}).get("Code") or ""),
+        )
+
+    def retryable(self, e: BaseException) -> bool:
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionError,
+            FlexibleChecksumError,
+            HTTPClientError,
+            IncompleteReadError,
+        )
+
+        try:
+            from botocore.exceptions import ResponseStreamingError
+        except ImportError:  # pragma: no cover - older botocore
+            ResponseStreamingError = HTTPClientError
+        from urllib3.exceptions import HTTPError as Urllib3Error
+
+        if isinstance(e, ClientError):
+            status, code = self._status(e)
+            return status == 429 or status >= 500 or code in RETRY_CODES
+        return isinstance(e, (ConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError,
+                              FlexibleChecksumError, Urllib3Error, OSError))
+
+    def backoff(self, attempt: int) -> None:
+        """Full jitter: uniform in [0, min(cap, base * 2**attempt)], so a herd of clients spreads out."""
+        time.sleep(random.uniform(0, min(self.backoff_cap, self.backoff_base * (2**attempt))))
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        for attempt in range(self.attempts):
+            try:
+                return fn()
+            except Exception as e:
+                if not self.retryable(e) or attempt == self.attempts - 1:
+                    if self.retryable(e):
+                        raise RemoteError(f"{what} on {self.describe()} failed after {self.attempts} tries: {e}") from e
+                    from botocore.exceptions import BotoCoreError
+
+                    if isinstance(e, BotoCoreError):  # e.g. no credentials, bad endpoint: a user problem
+                        raise RemoteError(f"{what} on {self.describe()}: {e}",
+                                          hint="check AWS credentials / --profile and --endpoint-url") from e
+                    raise
+                self.backoff(attempt)
+        raise AssertionError("unreachable")
+
+    def _client_error(self, e: Exception, key: str) -> Exception:
+        from botocore.exceptions import ClientError
+
+        if isinstance(e, ClientError):
+            status, code = self._status(e)
+            if status == 404 or code in ("NoSuchKey", "NotFound", "404"):
+                return KeyMissing(f"{key} not found on {self.describe()}")
+            if code == "NoSuchBucket":
+                return RemoteError(f"bucket {self.bucket!r} does not exist ({self.describe()})")
+            if status in (401, 403):
+                return RemoteError(
+                    f"access denied to {key} on {self.describe()}",
+                    hint="check the credentials (AWS_PROFILE / --profile) and the bucket policy",
+                )
+        return e
+
+    # -- reads -----------------------------------------------------------------------------------
+    def get(self, key: str, *, max_bytes: int) -> bytes:
+        def once() -> bytes:
+            r = self.client.get_object(Bucket=self.bucket, Key=self._k(key))
+            if int(r.get("ContentLength") or 0) > max_bytes:
+                r["Body"].close()
+                raise IntegrityError(f"{key} on {self.describe()} is over the {max_bytes}-byte limit; refused")
+            return read_capped(r["Body"].iter_chunks(1 << 16), max_bytes, key)
+
+        try:
+            return self._call(f"GET {key}", once)
+        except Exception as e:  # noqa: BLE001
+            raise self._client_error(e, key) from None
+
+    def get_doc(self, key: str, *, max_bytes: int, if_none_match: str | None = None) -> Doc | None:
+        def once() -> Doc:
+            kw = {"IfNoneMatch": if_none_match} if if_none_match else {}
+            from botocore.exceptions import ClientError
+
+            try:
+                r = self.client.get_object(Bucket=self.bucket, Key=self._k(key), **kw)
+            except ClientError as e:
+                status, code = self._status(e)
+                if status == 304 or code in ("304", "NotModified"):
+                    return Doc(b"", if_none_match or "")
+                raise
+            if int(r.get("ContentLength") or 0) > max_bytes:
+                r["Body"].close()
+                raise IntegrityError(f"{key} on {self.describe()} is over the {max_bytes}-byte limit; refused")
+            return Doc(read_capped(r["Body"].iter_chunks(1 << 16), max_bytes, key), r["ETag"])
+
+        try:
+            return self._call(f"GET {key}", once)
+        except Exception as e:  # noqa: BLE001
+            err = self._client_error(e, key)
+            if isinstance(err, KeyMissing):
+                return None
+            raise err from None
+
+    def open_blob(self, key: str, chunk_size: int = 1 << 16) -> tuple[int | None, Iterator[bytes]]:
+        try:
+            r = self._call(f"GET {key}", lambda: self.client.get_object(Bucket=self.bucket, Key=self._k(key)))
+        except Exception as e:  # noqa: BLE001
+            raise self._client_error(e, key) from None
+        return int(r.get("ContentLength") or 0) or None, r["Body"].iter_chunks(chunk_size)
+
+    def head_size(self, key: str) -> int | None:
+        try:
+            r = self._call(f"HEAD {key}", lambda: self.client.head_object(Bucket=self.bucket, Key=self._k(key)))
+        except Exception as e:  # noqa: BLE001
+            err = self._client_error(e, key)
+            if isinstance(err, KeyMissing):
+                return None
+            raise err from None
+        return int(r["ContentLength"])
+
+    # -- conditional writes ----------------------------------------------------------------------
+    def _put(self, key: str, data: bytes, **cond: str) -> str:
+        ctype = "application/json" if key.endswith(".json") or key.startswith("manifests/") else "application/octet-stream"
+
+        def once() -> str:
+            r = self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, ContentType=ctype, **cond)
+            return r["ETag"]
+
+        return self._call(f"PUT {key}", once)
+
+    def _is_precondition(self, e: Exception) -> bool:
+        status, code = self._status(e)
+        return status == 412 or code == "PreconditionFailed"
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        self.check_writable()
+        from botocore.exceptions import ClientError
+
+        try:
+            self._put(key, data, IfNoneMatch="*")
+            return True
+        except ClientError as e:
+            if self._is_precondition(e):
+                return False
+            raise self._client_error(e, key) from None
+
+    def put_doc(self, key: str, data: bytes, *, etag: str | None) -> str:
+        self.check_writable()
+        from botocore.exceptions import ClientError
+
+        cond = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+        try:
+            return self._put(key, data, **cond)
+        except ClientError as e:
+            status, _ = self._status(e)
+            if self._is_precondition(e) or (etag is not None and status == 404):
+                raise CasFailed(f"{key} changed since it was read") from None
+            raise self._client_error(e, key) from None
+
+    # -- admin -----------------------------------------------------------------------------------
+    def list_keys(self, prefix: str, start_after: str | None = None) -> Iterator[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._k(prefix)}
+        if start_after:
+            kw["StartAfter"] = self._k(start_after)
+        for page in paginator.paginate(**kw):
+            for obj in page.get("Contents", []):
+                yield obj["Key"][len(self.prefix):]
+
+    def delete(self, key: str) -> None:
+        self.check_writable()
+        self._call(f"DELETE {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=self._k(key)))
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,178 @@
+"""Test helpers: a real S3 server (moto's WSGI app) on 127.0.0.1 and a fault-injecting HTTP proxy.
+
+The server is single-threaded (werkzeug `make_server(..., threaded=False)`): one request at a time,
+so its conditional writes are atomic as on real S3, which the race tests rely on.
+
+The proxy sits between boto3 and the server and can, per request, answer 503 SlowDown, reset the
+connection, truncate the body, flip bytes, or strip the conditional headers (a store that ignores
+If-None-Match / If-Match). It counts requests, so tests can assert request budgets.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "test",
+    "AWS_SECRET_ACCESS_KEY": "test",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@contextmanager
+def moto_server() -> Iterator[str]:
+    """Start moto's S3 app single-threaded on a free port; yield its URL; stop it afterwards."""
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    class Quiet(WSGIRequestHandler):
+        def log_request(self, *a, **k):
+            pass
+
+    app = DomainDispatcherApplication(create_backend_app)
+    srv = make_server("127.0.0.1", 0, app, threaded=False, request_handler=Quiet)
+    t = threading.Thread(target=srv.serve_forever, name="moto-s3", daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_port}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(timeout=5)
+
+
+def make_bucket(endpoint: str, bucket: str) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                      region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    s3.close()
+
+
+@dataclass
+class Fault:
+    """Apply `action` to the next `times` requests for which `match(method, path)` is true."""
+
+    match: Callable[[str, str], bool]
+    action: str  # "503" | "reset" | "truncate" | "corrupt" | "strip-conditional"
+    times: int = 1
+
+
+@dataclass
+class ProxyState:
+    upstream: str
+    faults: list[Fault] = field(default_factory=list)
+    log: list[tuple[str, str]] = field(default_factory=list)
+    strip_conditional: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def take(self, method: str, path: str) -> str | None:
+        with self.lock:
+            self.log.append((method, path))
+            for f in self.faults:
+                if f.times > 0 and f.match(method, path):
+                    f.times -= 1
+                    return f.action
+        return None
+
+    def count(self, method: str | None = None) -> int:
+        with self.lock:
+            return sum(1 for m, _ in self.log if method is None or m == method)
+
+
+def _handler(state: ProxyState):
+    host, port = state.upstream.removeprefix("http://").split(":")
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def _body(self) -> bytes:
+            if "chunked" in (self.headers.get("Transfer-Encoding") or ""):
+                out = b""
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass
+                        return out
+                    out += self.rfile.read(size)
+                    self.rfile.readline()
+            n = int(self.headers.get("Content-Length") or 0)
+            return self.rfile.read(n) if n else b""
+
+        def _hard_reset(self) -> None:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+
+        def _serve(self) -> None:
+            body = self._body()
+            action = state.take(self.command, self.path)
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
+            if body or self.command in ("PUT", "POST"):
+                headers["Content-Length"] = str(len(body))
+            if action == "strip-conditional" or state.strip_conditional:
+                headers = {k: v for k, v in headers.items() if k.lower() not in ("if-none-match", "if-match")}
+            if action == "reset":
+                self._hard_reset()
+                return
+            if action == "503":
+                msg = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                self.send_response(503)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(msg)))
+                self.end_headers()
+                self.wfile.write(msg)
+                return
+            conn = http.client.HTTPConnection(host, int(port), timeout=30)
+            try:
+                conn.request(self.command, self.path, body=body if body else None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            finally:
+                conn.close()
+            self.send_response(resp.status, resp.reason)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if action == "truncate" and len(data) > 1:
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                self._hard_reset()
+                return
+            if action == "corrupt" and data:
+                data = bytes([data[0] ^ 0xFF]) + data[1:]
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _serve
+
+    return H
+
+
+@contextmanager
+def fault_proxy(upstream: str) -> Iterator[tuple[str, ProxyState]]:
+    """A proxy in front of `upstream`; yields (its URL, its state for faults and request counts)."""
+    state = ProxyState(upstream)
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    srv.daemon_threads = True
+    t = threading.Thread(target=srv.serve_forever, name="fault-proxy", daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_port}", state
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        t.join(timeout=5)
