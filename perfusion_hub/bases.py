@@ -202,11 +202,16 @@ def load_base(
     offline: bool | None = None,
 ) -> Base:
     """Load a base as a StableDiffusionPipeline on `device` (auto by default) in `dtype` (auto by default)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
+    import transformers
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from diffusers.utils import logging as dlogging
 
     dlogging.set_verbosity_error()
+    dlogging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     spec = resolve_spec(value)
     if offline is None:
         offline = os.environ.get("PFX_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"

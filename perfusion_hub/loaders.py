@@ -85,18 +85,20 @@ def load_concepts(
         rt.corpus_digest = next(iter(corpora))
         pipe.unet._pfx_runtime = rt
         rt.hook = pipe.text_encoder.register_forward_pre_hook(_observe(rt), with_kwargs=True)
+    replaced = [c.name for c in items if c.name in rt.concepts]
+    if replaced:
+        unload_concepts(pipe, replaced, _keep_runtime=True)
+    vocab = pipe.tokenizer.get_vocab()
+    taken = [c.trigger for c in items if c.trigger in vocab]
+    if taken:
+        raise IncompatibleConcepts(f"token {taken[0]} is already in use by the tokenizer")
+    # one call for all tokens: the text encoder's embedding matrix is resized once, not once per concept
+    pipe.load_textual_inversion([c.token_embedding.clone() for c in items], token=[c.trigger for c in items])
     for c in items:
-        if c.name in rt.concepts:
-            unload_concepts(pipe, [c.name], _keep_runtime=True)
-        clash = [n for n, s in rt.concepts.items() if s.token == c.trigger]
-        if clash or c.trigger in pipe.tokenizer.get_vocab():
-            raise IncompatibleConcepts(f"token {c.trigger} is already in use by the tokenizer")
-        pipe.load_textual_inversion(c.token_embedding.clone(), token=c.trigger)
-        token_id = pipe.tokenizer.convert_tokens_to_ids(c.trigger)
         rt.add(ConceptState(
-            name=c.name, token=c.trigger, token_id=token_id, target_input=c.target_input,
-            superclass_input=c.superclass_input, value_targets=dict(c.value_targets), beta=c.beta, tau=c.tau,
-            metadata=dict(c.metadata, file_digest=c.digest),
+            name=c.name, token=c.trigger, token_id=pipe.tokenizer.convert_tokens_to_ids(c.trigger),
+            target_input=c.target_input, superclass_input=c.superclass_input, value_targets=dict(c.value_targets),
+            beta=c.beta, tau=c.tau, metadata=dict(c.metadata, file_digest=c.digest),
         ))
     rt.install()
     return [c.name for c in items]

@@ -73,7 +73,9 @@ def render(
     global_lock: bool = False,
     negative_prompt: str | None = None,
     size: int | None = None,
+    fast=None,
 ) -> RenderResult:
+    """Render `prompt` `count` times. `fast`: a perfusion_hub.fast.FastRenderer built for this pipeline."""
     pipe = base.pipe
     ensure_loaded(base, list(concepts), covariance)
     rt = runtime_of(pipe)
@@ -106,6 +108,11 @@ def render(
             rt.key_states = torch.cat([neg_sup.expand(count, -1, -1), keys]) if cfg else keys
             rt.global_lock = True
             out = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, **common)
+        elif fast is not None:
+            cfg = guidance > 1
+            pos, neg = pipe.encode_prompt(parsed.text, pipe.device, count, cfg, negative_prompt)
+            fast.prepare(torch.cat([neg, pos]) if cfg else pos, parsed.concepts)
+            out = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, **dict(common, num_images_per_prompt=1))
         else:
             out = pipe(prompt=parsed.text, negative_prompt=negative_prompt, **common)
     finally:

@@ -46,7 +46,7 @@ TEMPLATES = (
 class TrainConfig:
     steps: int = 400
     batch_size: int = 16  # effective batch per optimizer step
-    micro_batch: int = 0  # 0: as large as the device comfortably takes (16 on GPU, 4 on CPU)
+    micro_batch: int = 0  # 0: the whole batch on GPU or for small bases, else 4 (CPU memory)
     lr_values: float = 0.03
     lr_embedding: float = 0.006
     weight_decay: float = 0.0
@@ -143,10 +143,11 @@ def _encode_latents(vae, photos, flip: bool, device, dtype) -> tuple[torch.Tenso
 
 
 def _checkpoint_meta(name, superclass, photos, cfg: TrainConfig, base_digest) -> dict:
-    return {
+    meta = {
         "name": name, "superclass": superclass, "base_digest": base_digest,
         "images": [p.digest for p in photos], "config": {k: v for k, v in asdict(cfg).items() if k != "previews"},
     }
+    return json.loads(json.dumps(meta))  # as it will read back (tuples become lists)
 
 
 def train_concept(
@@ -193,7 +194,7 @@ def train_concept(
         m.requires_grad_(False)
         m.eval()
     gen = torch.Generator().manual_seed(cfg.seed)
-    micro = cfg.micro_batch or (16 if device.type == "cuda" else 4)
+    micro = cfg.micro_batch or (16 if device.type == "cuda" or base.resolution <= 128 else 4)
     micro = max(1, min(micro, cfg.batch_size))
     accum = math.ceil(cfg.batch_size / micro)
 
@@ -209,31 +210,32 @@ def train_concept(
 
     emb_init = te.get_input_embeddings().weight[super_id].detach().float().clone()
     pipe.load_textual_inversion(emb_init.clone(), token=trigger)
-    token_id = tok.convert_tokens_to_ids(trigger)
-    template_ids = _tokenize(tok, [t.format(trigger) for t in cfg.templates], device)
-
-    rt = PerfusionRuntime(unet, covariance.matrix)
-    layers = rt.layers
-    values = {p: torch.nn.Parameter((a.to_v.weight.detach().float() @ i_super.to(device))) for p, a in layers.items()}
-    embedding = torch.nn.Parameter(emb_init.to(device))
-    state = ConceptState(name, trigger, token_id, i_super.clone(), i_super.clone(), values, cfg.train_beta, cfg.train_tau)
-    rt.add(state)
-    rt.training = True
-    rt.install()
-    rt.activate([name])
-    hook = _EmbeddingOverride(te.get_input_embeddings(), token_id, embedding)
-    opt = torch.optim.AdamW(
-        [{"params": list(values.values()), "lr": cfg.lr_values}, {"params": [embedding], "lr": cfg.lr_embedding}],
-        weight_decay=cfg.weight_decay,
-    )
-    step, losses = 0, []
-    ckpt_meta = _checkpoint_meta(name, superclass, photos, cfg, base_digest)
-    ckpt = Path(checkpoint_path) if checkpoint_path else None
-    if resume and ckpt and ckpt.exists():
-        step, losses = _load_checkpoint(ckpt, ckpt_meta, values, embedding, state, opt, gen)
-    unet_fn = _fast_unet(unet) if fast else unet
-
+    rt = hook = None
     try:
+        token_id = tok.convert_tokens_to_ids(trigger)
+        template_ids = _tokenize(tok, [t.format(trigger) for t in cfg.templates], device)
+
+        rt = PerfusionRuntime(unet, covariance.matrix)
+        layers = rt.layers
+        values = {p: torch.nn.Parameter((a.to_v.weight.detach().float() @ i_super.to(device))) for p, a in layers.items()}
+        embedding = torch.nn.Parameter(emb_init.to(device))
+        state = ConceptState(name, trigger, token_id, i_super.clone(), i_super.clone(), values, cfg.train_beta, cfg.train_tau)
+        rt.add(state)
+        rt.training = True
+        rt.install()
+        rt.activate([name])
+        hook = _EmbeddingOverride(te.get_input_embeddings(), token_id, embedding)
+        opt = torch.optim.AdamW(
+            [{"params": list(values.values()), "lr": cfg.lr_values}, {"params": [embedding], "lr": cfg.lr_embedding}],
+            weight_decay=cfg.weight_decay,
+        )
+        step, losses = 0, []
+        ckpt_meta = _checkpoint_meta(name, superclass, photos, cfg, base_digest)
+        ckpt = Path(checkpoint_path) if checkpoint_path else None
+        if resume and ckpt and ckpt.exists():
+            step, losses = _load_checkpoint(ckpt, ckpt_meta, values, embedding, state, opt, gen)
+        unet_fn = _fast_unet(unet) if fast else unet
+
         while step < cfg.steps:
             opt.zero_grad(set_to_none=True)
             concept_enc = torch.zeros(te.config.hidden_size, dtype=torch.float64, device=device)
@@ -274,8 +276,10 @@ def train_concept(
             if ckpt and (step % cfg.checkpoint_every == 0) and step < cfg.steps:
                 _save_checkpoint(ckpt, ckpt_meta, step, losses, values, embedding, state, opt, gen)
     finally:
-        hook.remove()
-        rt.uninstall()
+        if hook is not None:
+            hook.remove()
+        if rt is not None:
+            rt.uninstall()
         pipe.unload_textual_inversion(trigger)
 
     concept = Concept(
@@ -299,8 +303,16 @@ def train_concept(
 
 
 def _fast_unet(unet):
-    """The compiled UNet forward used by `fast=True` (same math; see tests/test_train.py)."""
-    return torch.compile(unet, dynamic=False)
+    """The compiled UNet used by `fast=True`: same math, fused kernels.
+
+    PFX_COMPILE_BACKEND picks the torch.compile backend (default inductor). The CPU test uses
+    `aot_eager`, which runs the same captured forward+backward graph without generating C++ kernels
+    (inductor's CPU codegen takes minutes on 2 cores); inductor's numerics are checked on the GPU by
+    bench/engine.py.
+    """
+    import os
+
+    return torch.compile(unet, dynamic=False, backend=os.environ.get("PFX_COMPILE_BACKEND", "inductor"))
 
 
 def _concept_metadata(name, version, superclass, trigger, base, cov, cfg, photos, license, description, step, losses):

@@ -1,0 +1,123 @@
+"""The planted-concept recovery experiment (spec/perfusion.md section 8.5), shared by the test and bench.
+
+Teacher: a concept at its superclass initialisation (embedding = the superclass word's, i* = i_super,
+o*_V = W_V i_super) whose value targets alone are moved along a known random direction d. Images
+rendered with the teacher are the only training data of a fresh student (same seed, same superclass).
+Figures: cos(student o*_V - init, d) over all layers at once (chance ~ 1/sqrt(sum d_l)), and the
+denoising loss on held-out teacher images of the untrained student, the trained student and the
+teacher itself (same noise and timesteps for all three).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from perfusion_hub.concept import FORMAT, FORMAT_VERSION, Concept
+from perfusion_hub.processor import cross_attention_modules
+from perfusion_hub.render import render
+from perfusion_hub.train import TEMPLATES, TrainConfig, train_concept, _encode_latents
+from perfusion_hub.loaders import load_concepts, runtime_of, unload_concepts
+from perfusion_hub.photos import load_photos
+from tests.enginekit import superclass_encoding
+
+
+def teacher_concept(base, cov, superclass: str, *, strength: float, seed: int) -> tuple[Concept, torch.Tensor]:
+    i_super = superclass_encoding(base.pipe, superclass)
+    wid = base.pipe.tokenizer(superclass, add_special_tokens=False).input_ids[0]
+    emb = base.pipe.text_encoder.get_input_embeddings().weight[wid].detach().float().cpu()
+    layers = cross_attention_modules(base.pipe.unet)
+    init = {p: a.to_v.weight.detach().float().cpu() @ i_super for p, a in layers.items()}
+    g = torch.Generator().manual_seed(seed)
+    total = sum(v.numel() for v in init.values())
+    d = torch.randn(total, generator=g)
+    d = d / d.norm()
+    norm = torch.cat(list(init.values())).norm()
+    values, pos = {}, 0
+    for p, v in init.items():
+        values[p] = v + strength * norm * d[pos : pos + v.numel()]
+        pos += v.numel()
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "name": "teacher", "version": "0.1.0",
+        "superclass": superclass, "trigger": "<teacher>", "base_name": base.name, "base_digest": base.digest,
+        "covariance_digest": cov.digest, "corpus_digest": cov.corpus_digest, "beta": "0.75", "tau": "0.1",
+        "key_lock": "local", "training": "{}", "created": datetime.now(timezone.utc).isoformat(),
+        "pfx_version": "test", "license": "", "description": "",
+    }
+    return Concept(meta, emb, i_super.clone(), i_super, values), d
+
+
+def render_set(base, cov, concept, folder: Path, seeds, steps: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in seeds:
+        prompt = TEMPLATES[s % len(TEMPLATES)].format(concept.trigger)
+        render(base, prompt, concepts=[concept], covariance=cov, seed=s, steps=steps, guidance=4.0).save(
+            folder / f"img{s:03d}.png")
+    unload_concepts(base.pipe)
+    return folder
+
+
+@torch.no_grad()
+def heldout_loss(base, cov, concept, folder: Path, *, seed: int = 123, draws: int = 8) -> float:
+    """Mean epsilon-MSE of `concept` on the images in `folder`: fixed noise, timesteps, prompts."""
+    pipe = base.pipe
+    photos = load_photos(folder, base.resolution)
+    mean, std, _ = _encode_latents(pipe.vae, photos, False, base.device, base.dtype)
+    load_concepts(pipe, [concept], covariance=cov)
+    rt = runtime_of(pipe)
+    rt.activate([concept.name])
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    try:
+        for _ in range(draws):
+            n = mean.shape[0]
+            t = torch.randint(50, 950, (n,), generator=g)
+            noise = torch.randn(mean.shape, generator=g)
+            lat = mean + std * torch.randn(mean.shape, generator=g)
+            ids = pipe.tokenizer([TEMPLATES[i % len(TEMPLATES)].format(concept.trigger) for i in range(n)],
+                                 padding="max_length", max_length=77, return_tensors="pt").input_ids
+            ehs = pipe.text_encoder(ids)[0]
+            pred = pipe.unet(pipe.scheduler.add_noise(lat, noise, t), t, ehs).sample
+            total += torch.mean((pred - noise) ** 2).item()
+    finally:
+        unload_concepts(pipe)
+    return total / draws
+
+
+def value_delta(concept, init: dict) -> torch.Tensor:
+    return torch.cat([concept.value_targets[p] - init[p] for p in init])
+
+
+def run(base, cov, workdir: Path, *, superclass="cat", strength=0.5, train_images=12, heldout=6, render_steps=20,
+        steps=80, batch_size=8, seed=0) -> dict:
+    teacher, d = teacher_concept(base, cov, superclass, strength=strength, seed=seed + 1)
+    train_dir = render_set(base, cov, teacher, workdir / "train", range(train_images), render_steps)
+    held_dir = render_set(base, cov, teacher, workdir / "heldout", range(1000, 1000 + heldout), render_steps)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, previews=0, seed=seed, flip=False)
+    student = train_concept(base, train_dir, name="student", superclass=superclass, covariance=cov,
+                            out_path=workdir / "student.safetensors", config=cfg).concept
+    untrained = train_concept(base, train_dir, name="student", superclass=superclass, covariance=cov,
+                              out_path=workdir / "untrained.safetensors",
+                              config=TrainConfig(steps=1, batch_size=1, previews=0, seed=seed, flip=False,
+                                                 lr_values=0.0, lr_embedding=0.0)).concept
+    init = {p: v.clone() for p, v in untrained.value_targets.items()}
+    delta = value_delta(student, init)
+    cos = float(torch.dot(delta, d) / (delta.norm() * d.norm() + 1e-12))
+    figures = {
+        "cos_student_delta_vs_d": round(cos, 4),
+        "chance_cos": round(1 / math.sqrt(d.numel()), 4),
+        "loss_untrained_student": heldout_loss(base, cov, untrained, held_dir),
+        "loss_trained_student": heldout_loss(base, cov, student, held_dir),
+        "loss_teacher": heldout_loss(base, cov, teacher, held_dir),
+        "settings": {"strength": strength, "train_images": train_images, "heldout_images": heldout, "steps": steps,
+                     "batch_size": batch_size, "seed": seed, "render_steps": render_steps},
+    }
+    gap = figures["loss_untrained_student"] - figures["loss_teacher"]
+    figures["loss_gap_closed"] = round((figures["loss_untrained_student"] - figures["loss_trained_student"]) / gap, 4) \
+        if gap > 0 else None
+    (workdir / "figures.json").write_text(json.dumps(figures, indent=2))
+    return figures

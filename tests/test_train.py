@@ -1,0 +1,135 @@
+"""Trainer: determinism, checkpoint/resume, photo handling, and the fast path's equivalence (CPU, tiny base)."""
+
+import pytest
+import torch
+
+from perfusion_hub.errors import BadInput
+from perfusion_hub.photos import load_photos
+from perfusion_hub.train import TrainConfig, train_concept
+from tests.enginekit import photo_folder
+
+QUICK = dict(steps=3, batch_size=4, previews=0)
+
+
+def _train(base, cov, photos, out, **kw):
+    cfg = TrainConfig(**{**QUICK, **kw.pop("cfg", {})})
+    return train_concept(base, photos, name="cat-mittens", superclass="cat", covariance=cov, out_path=out,
+                         config=cfg, **kw)
+
+
+def test_training_is_deterministic_with_a_seed_and_moves_the_concept(clean_base, tiny_cov, tmp_path):
+    photos = photo_folder(tmp_path / "photos")
+    a = _train(clean_base, tiny_cov, photos, tmp_path / "a.safetensors")
+    b = _train(clean_base, tiny_cov, photos, tmp_path / "b.safetensors")
+    for k, t in a.concept.tensors().items():
+        assert torch.equal(t, b.concept.tensors()[k]), k
+    # training changed what it trains and left what it must not
+    assert not torch.equal(a.concept.target_input, a.concept.superclass_input)  # EMA moved i*
+    wid = clean_base.pipe.tokenizer("cat", add_special_tokens=False).input_ids[0]
+    emb0 = clean_base.pipe.text_encoder.get_input_embeddings().weight[wid]
+    assert not torch.equal(a.concept.token_embedding, emb0)
+    assert "<cat-mittens>" not in clean_base.pipe.tokenizer.get_vocab()  # the base is left as it was
+    assert all(not p.requires_grad for p in clean_base.pipe.unet.parameters())
+    c = _train(clean_base, tiny_cov, photos, tmp_path / "c.safetensors", cfg={"seed": 1})
+    assert not torch.equal(a.concept.target_input, c.concept.target_input)
+
+
+def test_resume_continues_exactly(clean_base, tiny_cov, tmp_path):
+    photos = photo_folder(tmp_path / "photos")
+    cfg = {"steps": 4, "checkpoint_every": 2}
+    straight = _train(clean_base, tiny_cov, photos, tmp_path / "s.safetensors", cfg=cfg)
+    ckpt = tmp_path / "run.ckpt"
+
+    def stop_at_3(step, total, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(clean_base, tiny_cov, photos, tmp_path / "r.safetensors", cfg=cfg, checkpoint_path=ckpt,
+               progress=stop_at_3)
+    assert ckpt.exists() and not (tmp_path / "r.safetensors").exists()
+    assert "<cat-mittens>" not in clean_base.pipe.tokenizer.get_vocab()
+    resumed = _train(clean_base, tiny_cov, photos, tmp_path / "r.safetensors", cfg=cfg, checkpoint_path=ckpt,
+                     resume=True)
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-6)
+    for k, t in straight.concept.tensors().items():
+        torch.testing.assert_close(resumed.concept.tensors()[k], t, rtol=1e-6, atol=1e-7)
+    assert not ckpt.exists()
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(clean_base, tiny_cov, tmp_path):
+    photos = photo_folder(tmp_path / "photos")
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        _train(clean_base, tiny_cov, photos, tmp_path / "x.safetensors", cfg={"steps": 4, "checkpoint_every": 1},
+               checkpoint_path=ckpt, progress=lambda s, t, l: (_ for _ in ()).throw(KeyboardInterrupt) if s == 2 else 0)
+    with pytest.raises(BadInput, match="another run"):
+        _train(clean_base, tiny_cov, photos, tmp_path / "x.safetensors", cfg={"steps": 4, "seed": 9},
+               checkpoint_path=ckpt, resume=True)
+
+
+def test_bad_photos_are_skipped_with_a_warning_naming_them(tmp_path):
+    from PIL import Image
+
+    folder = photo_folder(tmp_path / "p", n=2)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    Image.new("RGB", (40, 40)).save(folder / "cut.png")
+    (folder / "cut.png").write_bytes((folder / "cut.png").read_bytes()[:30])
+    Image.new("CMYK", (50, 30), (0, 50, 100, 0)).save(folder / "cmyk.jpg")
+    Image.new("I;16", (30, 30)).save(folder / "deep.png")
+    rgba = Image.new("RGBA", (30, 60), (255, 0, 0, 0))
+    rgba.save(folder / "alpha.webp")
+    seen = []
+    photos = load_photos(folder, 64, warn=seen.append)
+    assert sorted(p.path.name for p in photos) == ["alpha.webp", "cmyk.jpg", "deep.png", "photo0.png", "photo1.png"]
+    assert all(p.image.size == (64, 64) and p.image.mode == "RGB" for p in photos)
+    assert any("broken.jpg" in w for w in seen) and any("cut.png" in w for w in seen)
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "p"
+    folder.mkdir()
+    im = Image.new("RGB", (40, 20), (0, 0, 0))
+    im.paste((255, 255, 255), (0, 0, 20, 20))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: the white half is on top
+    im.save(folder / "r.jpg", exif=exif.tobytes(), quality=95)
+    (photo,) = load_photos(folder, 20)
+    px = photo.image.load()
+    assert px[10, 2][0] > 200 and px[10, 17][0] < 50  # top white, bottom black
+
+
+def test_no_usable_photo_is_refused(tmp_path):
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"nope")
+    with pytest.raises(BadInput, match="no usable photos"):
+        load_photos(folder, 64, warn=lambda m: None)
+
+
+def test_masks_weight_the_loss(clean_base, tiny_cov, tmp_path):
+    from PIL import Image
+
+    photos = photo_folder(tmp_path / "photos", n=2)
+    plain = _train(clean_base, tiny_cov, photos, tmp_path / "a.safetensors")
+    (photos / "masks").mkdir()
+    for p in sorted(photos.glob("*.png")):
+        m = Image.new("L", (80, 64), 0)
+        m.paste(255, (0, 0, 40, 64))
+        m.save(photos / "masks" / p.name)
+    masked = _train(clean_base, tiny_cov, photos, tmp_path / "b.safetensors")
+    assert masked.concept.metadata["training"].count('"masks": 2') == 1
+    assert masked.losses != plain.losses
+
+
+def test_fast_path_matches_plain_path_for_one_step(clean_base, tiny_cov, tmp_path, monkeypatch):
+    monkeypatch.setenv("PFX_COMPILE_BACKEND", "aot_eager")
+    photos = photo_folder(tmp_path / "photos", n=2)
+    cfg = {"steps": 1, "batch_size": 2}
+    plain = _train(clean_base, tiny_cov, photos, tmp_path / "a.safetensors", cfg=cfg)
+    fast = _train(clean_base, tiny_cov, photos, tmp_path / "b.safetensors", cfg=cfg, fast=True)
+    assert fast.losses == pytest.approx(plain.losses, rel=1e-4)
+    for k, t in plain.concept.tensors().items():
+        torch.testing.assert_close(fast.concept.tensors()[k], t, rtol=1e-4, atol=1e-5)
