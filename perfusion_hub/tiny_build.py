@@ -1,0 +1,530 @@
+"""Build the embedded `tiny` base (``perfusion_hub/data/tiny/``) and the SD1.5 config folder.
+
+``python -m perfusion_hub.tiny_build`` regenerates, in order:
+
+1. the caption corpus ``data/captions.txt`` (`perfusion_hub.corpus`, < 1 s);
+2. the tokenizer ``data/tiny/tokenizer/`` (`perfusion_hub.tokenizer_build`, ~1 s);
+3. the tiny Stable Diffusion pipeline folder ``data/tiny/`` (model_index.json, unet/, vae/, text_encoder/,
+   scheduler/, tokenizer/; weights stored fp16 as ``diffusion_pytorch_model.safetensors`` /
+   ``model.safetensors``; no safety checker or feature extractor);
+4. ``data/tiny/build_info.json`` (VAE training settings and measured quality) and ``data/sd15/`` configs.
+
+Total: about 5 minutes on 2 otherwise idle CPU threads (VAE: ~0.13 s per 32px step, ~0.25 s per 64px step),
+11 minutes measured on the shared, busy 2-core dev machine; almost all of it is VAE training
+(``VAE_PHASES``). ``--skip-vae`` keeps the shipped VAE and rebuilds everything else in ~10 seconds.
+
+Tiny architecture (CPU friendly, but with real head dims for the rank-one math):
+
+* CLIPTextModel: hidden 64, intermediate 128, 2 layers, 4 heads, 77 positions, quick_gelu, vocab = tokenizer
+  size; bos/eos/pad ids are the tokenizer's (eos = pad = ``<|endoftext|>``, the real eos id).
+* UNet2DConditionModel: channels (32, 64), 1 layer per block, two cross-attention down and up blocks,
+  cross_attention_dim 64, 4 heads, norm groups 8, sample 16, 4 in/out channels: 7 ``attn2`` modules.
+* AutoencoderKL: channels [32, 64, 64] (downsampling x4: a 64x64 image <-> a 16x16x4 latent), norm groups
+  8, one layer per block. Trained (seeded, CPU, 2 threads) on procedural 64x64 images (coloured or gradient
+  backgrounds with circles, boxes, triangles and stripes) with reconstruction MSE plus a small KL term:
+  1,600 steps of batch 16 on random 32x32 crops, then 300 steps of batch 8 on whole images (Adam 5e-4,
+  cosine), posterior log-variance initialised at -8. Held-out PSNR of decode(encode(x)) ~22.8 dB
+  (build_info.json); ``scaling_factor`` = 1 / std of the latents of held-out images (fp16-rounded weights),
+  so scaled latents have ~unit std.
+* DDIMScheduler with SD's betas (scaled_linear 0.00085..0.012, 1000 steps), steps_offset 1,
+  clip_sample False, set_alpha_to_one False.
+
+UNet and text encoder are seeded random inits (``torch.manual_seed`` before each). Determinism: with the same
+torch version and thread count, a rebuild gives the same weights; VAE training on a different CPU family
+may differ in the last bits (the shipped files are the reference; the base digest is computed from them).
+
+Load it with ``StableDiffusionPipeline.from_pretrained(TINY_DIR, local_files_only=True, safety_checker=None,
+requires_safety_checker=False, dtype=torch.float32)`` (weights are stored fp16; ask for fp32 on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+TINY_DIR = DATA_DIR / "tiny"
+SD15_DIR = DATA_DIR / "sd15"
+
+IMAGE_SIZE = 64
+TEXT_SEED = 1
+UNET_SEED = 2
+VAE_SEED = 3
+VAE_DATA_SEED = 4
+VAE_EVAL_SEED = 5
+VAE_PHASES = ((1600, 16, 32), (300, 8, 64))  # (steps, batch, crop size)
+VAE_LR = 5e-4
+VAE_KL_WEIGHT = 1e-4
+NUM_THREADS = 2
+VAE_LOGVAR_INIT = -8.0
+STRIPE_MIN_PERIOD = 0.06
+MAX_SHAPES = 4
+
+UNET_CONFIG = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "cross_attention_dim": 64,
+    "attention_head_dim": 4,
+    "norm_num_groups": 8,
+}
+VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+}
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+TEXT_CONFIG = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 64,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# procedural images
+# --------------------------------------------------------------------------------------------------
+_YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) / (IMAGE_SIZE - 1)
+
+
+def _shape_mask(rng: np.random.Generator, kind: int) -> np.ndarray:
+    xx, yy = _XX, _YY
+    if kind == 0:  # circle / disc
+        cx, cy = rng.uniform(0.1, 0.9, 2)
+        r = rng.uniform(0.05, 0.3)
+        return (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
+    if kind == 1:  # axis-aligned box
+        x0, x1 = np.sort(rng.uniform(0.0, 1.0, 2))
+        y0, y1 = np.sort(rng.uniform(0.0, 1.0, 2))
+        if x1 - x0 < 0.08:
+            x1 = x0 + 0.08
+        if y1 - y0 < 0.08:
+            y1 = y0 + 0.08
+        return (xx >= x0) & (xx <= x1) & (yy >= y0) & (yy <= y1)
+    if kind == 2:  # triangle
+        p = rng.uniform(0.0, 1.0, (3, 2))
+        d = [(xx - p[i, 0]) * (p[(i + 1) % 3, 1] - p[i, 1]) - (yy - p[i, 1]) * (p[(i + 1) % 3, 0] - p[i, 0])
+             for i in range(3)]
+        return ((d[0] >= 0) & (d[1] >= 0) & (d[2] >= 0)) | ((d[0] <= 0) & (d[1] <= 0) & (d[2] <= 0))
+    # stripes, over the whole image or a box
+    ang = rng.uniform(0, math.pi)
+    period = rng.uniform(STRIPE_MIN_PERIOD, 0.25)
+    phase = (xx * math.cos(ang) + yy * math.sin(ang)) / period
+    m = (phase - np.floor(phase)) < rng.uniform(0.3, 0.7)
+    if rng.random() < 0.6:
+        m &= _shape_mask(rng, 1)
+    return m
+
+
+def procedural_image(rng: np.random.Generator) -> np.ndarray:
+    """One 64x64 RGB image in [0, 1], float32, shape [3, 64, 64]."""
+    c1 = rng.uniform(0, 1, 3).astype(np.float32)
+    if rng.random() < 0.5:
+        img = np.broadcast_to(c1[:, None, None], (3, IMAGE_SIZE, IMAGE_SIZE)).copy()
+    else:
+        c2 = rng.uniform(0, 1, 3).astype(np.float32)
+        ang = rng.uniform(0, 2 * math.pi)
+        t = _XX * math.cos(ang) + _YY * math.sin(ang)
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+        img = c1[:, None, None] * (1 - t) + c2[:, None, None] * t
+    for _ in range(int(rng.integers(1, MAX_SHAPES + 1))):
+        m = _shape_mask(rng, int(rng.integers(0, 4)))
+        img[:, m] = rng.uniform(0, 1, (3, 1)).astype(np.float32)
+    return img.astype(np.float32)
+
+
+def procedural_batch(rng: np.random.Generator, n: int) -> torch.Tensor:
+    """n images in [-1, 1] as a float32 tensor [n, 3, 64, 64]."""
+    return torch.from_numpy(np.stack([procedural_image(rng) for _ in range(n)]) * 2.0 - 1.0)
+
+
+def eval_images(n: int = 64, seed: int = VAE_EVAL_SEED) -> torch.Tensor:
+    """Held-out procedural images (a seed never used in training)."""
+    return procedural_batch(np.random.default_rng(seed), n)
+
+
+# --------------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------------
+def build_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if tokenizer.eos_token_id is None or tokenizer.bos_token_id is None:
+        raise ValueError("tokenizer lacks bos/eos")
+    cfg = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TEXT_CONFIG,
+    )
+    torch.manual_seed(TEXT_SEED)
+    return CLIPTextModel(cfg).eval()
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(UNET_SEED)
+    return UNet2DConditionModel(**UNET_CONFIG).eval()
+
+
+def build_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**SCHEDULER_CONFIG)
+
+
+def new_vae(logvar_init: float | None = VAE_LOGVAR_INIT):
+    """A fresh VAE. With `logvar_init`, the posterior starts nearly deterministic (log-variance bias of the
+    moment projection set to `logvar_init`, its weights scaled down), which avoids the long initial phase
+    where the decoder only sees unit noise and speeds training up several fold."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(VAE_SEED)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    if logvar_init is not None:
+        qc = vae.quant_conv
+        c = VAE_CONFIG["latent_channels"]
+        with torch.no_grad():
+            qc.weight[c:] *= 0.1
+            qc.bias[c:] = logvar_init
+    return vae
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (compared in [0, 1] after clamping)."""
+    a = ((a.float().clamp(-1, 1) + 1) / 2)
+    b = ((b.float().clamp(-1, 1) + 1) / 2)
+    mse = torch.mean((a - b) ** 2).item()
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+@torch.no_grad()
+def vae_quality(vae, images: torch.Tensor | None = None) -> dict:
+    """Round-trip figures on held-out images: PSNR of decode(encode(x)) (posterior mean), the
+    latent std, and the relative error of encode(decode(z)) for z = encode(x)."""
+    images = eval_images() if images is None else images
+    vae = vae.float().eval()
+    dist = vae.encode(images).latent_dist
+    z = dist.mean
+    rec = vae.decode(z).sample
+    gen = torch.Generator().manual_seed(VAE_EVAL_SEED)
+    zs = dist.sample(generator=gen)
+    z2 = vae.encode(rec).latent_dist.mean
+    return {
+        "psnr_db": round(psnr(rec, images), 2),
+        "psnr_sampled_db": round(psnr(vae.decode(zs).sample, images), 2),
+        "latent_std": float(zs.std()),
+        "latent_mean": float(zs.mean()),
+        "latent_roundtrip_rel_err": round(float((z2 - z).norm() / z.norm()), 4),
+    }
+
+
+def train_vae(phases=None, lr: float = VAE_LR, kl_weight: float = VAE_KL_WEIGHT, device: str = "cpu",
+              log=print):
+    """Train the tiny VAE deterministically (seeded; 2 CPU threads). Returns (vae in fp32, info dict).
+
+    `phases` is a sequence of (steps, batch, crop): most steps train on random `crop` x `crop` windows
+    of the procedural 64x64 images (the VAE is convolutional, so this is ~4x cheaper per image), the last
+    phase on whole 64x64 images. Adam, 5 % linear warm-up then cosine decay over all steps; loss = MSE
+    (images in [-1, 1]) + kl_weight * KL per latent element, decoding a posterior sample.
+    """
+    phases = tuple(tuple(p) for p in (phases or VAE_PHASES))
+    total = sum(p[0] for p in phases)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(NUM_THREADS)
+    try:
+        vae = new_vae().to(device).train()
+        rng = np.random.default_rng(VAE_DATA_SEED)
+        gen = torch.Generator(device).manual_seed(VAE_DATA_SEED)
+        opt = torch.optim.Adam(vae.parameters(), lr=lr, betas=(0.9, 0.99))
+        warm = max(1, total // 20)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        t0 = time.perf_counter()
+        step = 0
+        for n_steps, batch, crop in phases:
+            for _ in range(n_steps):
+                x = procedural_batch(rng, batch)
+                if crop < IMAGE_SIZE:
+                    oy, ox = (int(v) for v in rng.integers(0, IMAGE_SIZE - crop + 1, 2))
+                    x = x[:, :, oy:oy + crop, ox:ox + crop].contiguous()
+                x = x.to(device)
+                dist = vae.encode(x).latent_dist
+                z = dist.sample(generator=gen)
+                rec = vae.decode(z).sample
+                mse = torch.mean((rec - x) ** 2)
+                kl = dist.kl().mean() / (dist.mean[0].numel())  # per latent element
+                loss = mse + kl_weight * kl
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if log and (step % 200 == 0 or step == total - 1):
+                    log(f"vae step {step:5d}/{total} ({crop}px x{batch}) mse {mse.item():.5f} "
+                        f"kl {kl.item():.3f} ({time.perf_counter() - t0:.0f}s)")
+                step += 1
+        vae = vae.cpu().eval()
+        info = {"phases": [list(p) for p in phases], "lr": lr, "kl_weight": kl_weight,
+                "logvar_init": VAE_LOGVAR_INIT, "threads": NUM_THREADS,
+                "seeds": {"init": VAE_SEED, "data": VAE_DATA_SEED, "eval": VAE_EVAL_SEED}}
+        if log:
+            log(f"vae trained in {time.perf_counter() - t0:.0f}s")
+        return vae, info
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+# --------------------------------------------------------------------------------------------------
+# folder writing
+# --------------------------------------------------------------------------------------------------
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "feature_extractor": [None, None],
+    "image_encoder": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def _dump_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _model_index() -> dict:
+    import diffusers
+
+    return {**MODEL_INDEX, "_diffusers_version": diffusers.__version__}
+
+
+def load_tiny_vae(folder: Path = TINY_DIR):
+    from diffusers import AutoencoderKL
+
+    loaded = AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True, torch_dtype=torch.float32)
+    # a clean copy, so that re-saving it writes the same config.json (no `_name_or_path`)
+    vae = AutoencoderKL.from_config({k: v for k, v in loaded.config.items() if k != "_name_or_path"})
+    vae.load_state_dict(loaded.state_dict())
+    return vae.eval()
+
+
+def build_tiny(out: Path = TINY_DIR, skip_vae: bool = False, log=print) -> dict:
+    """Write the whole tiny pipeline folder. Returns the build info."""
+    from transformers import CLIPTokenizer
+
+    from perfusion_hub import corpus, tokenizer_build
+
+    out = Path(out)
+    t0 = time.perf_counter()
+    corpus.write_captions()
+    tok_dir = tokenizer_build.build(out / "tokenizer")
+    tok = CLIPTokenizer.from_pretrained(str(tok_dir))
+    log(f"captions + tokenizer (vocab {len(tok)}) in {time.perf_counter() - t0:.1f}s")
+
+    text = build_text_encoder(tok)
+    unet = build_unet()
+    sched = build_scheduler()
+    info_path = out / "build_info.json"
+    if skip_vae:
+        src = out if (out / "vae" / "config.json").exists() else TINY_DIR
+        vae = load_tiny_vae(src)
+        old_info = src / "build_info.json"
+        vae_info = json.loads(old_info.read_text("utf-8")).get("vae", {}) if old_info.exists() else {}
+    else:
+        vae, vae_info = train_vae(log=log)
+        # quality and scaling factor measured on the fp16-rounded weights that ship
+        vae = vae.half().float()
+        q = vae_quality(vae)
+        vae.register_to_config(scaling_factor=float(f"{1.0 / q['latent_std']:.5g}"))
+        vae_info.update(q, scaling_factor=vae.config.scaling_factor)
+        log(f"vae: {q}")
+
+    text.half().save_pretrained(str(out / "text_encoder"), safe_serialization=True)
+    unet.half().save_pretrained(str(out / "unet"), safe_serialization=True)
+    vae.half().save_pretrained(str(out / "vae"), safe_serialization=True)
+    sched.save_pretrained(str(out / "scheduler"))
+    _dump_json(out / "model_index.json", _model_index())
+    info = {
+        "note": "written by python -m perfusion_hub.tiny_build; do not edit",
+        "tokenizer_vocab_size": len(tok),
+        "text_encoder": {**TEXT_CONFIG, "seed": TEXT_SEED},
+        "unet": {"seed": UNET_SEED, "attn2_modules": 7},
+        "vae": vae_info,
+        "torch_version": torch.__version__.split("+")[0],
+    }
+    _dump_json(info_path, info)
+    write_sd15_configs()
+    log(f"tiny base written to {out} in {time.perf_counter() - t0:.0f}s")
+    return info
+
+
+# --------------------------------------------------------------------------------------------------
+# SD1.5 full-size configs (architecture only; no weights, no vocabulary)
+# --------------------------------------------------------------------------------------------------
+SD15_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SD15_VAE = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+SD15_TEXT = {
+    "architectures": ["CLIPTextModel"],
+    "model_type": "clip_text_model",
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-05,
+    "projection_dim": 768,
+    "attention_dropout": 0.0,
+    "dropout": 0.0,
+    "initializer_range": 0.02,
+    "initializer_factor": 1.0,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+    "torch_dtype": "float32",
+}
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+}
+SD15_TOKENIZER = {
+    "tokenizer_class": "CLIPTokenizer",
+    "model_max_length": 77,
+    "bos_token": "<|startoftext|>",
+    "eos_token": "<|endoftext|>",
+    "unk_token": "<|endoftext|>",
+    "pad_token": "<|endoftext|>",
+    "do_lower_case": True,
+    "errors": "replace",
+    "add_prefix_space": False,
+}
+SD15_MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": "0.6.0",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+SD15_README = """SD1.5 architecture configs (stable-diffusion-v1-5 values), shipped without weights or vocabulary.
+
+* Build the architecture with random weights: UNet2DConditionModel.from_config(json.load(open("unet/config.json"))),
+  AutoencoderKL.from_config(...), CLIPTextModel(CLIPTextConfig(**json.load(open("text_encoder/config.json")))).
+* Load a single-file checkpoint offline: StableDiffusionPipeline.from_single_file(ckpt, config=<this dir>,
+  tokenizer=<a CLIPTokenizer from elsewhere>, local_files_only=True, safety_checker=None).
+  tokenizer/ holds tokenizer_config.json only (no vocab.json / merges.txt).
+Written by python -m perfusion_hub.tiny_build (write_sd15_configs).
+"""
+
+
+def write_sd15_configs(out: Path = SD15_DIR) -> Path:
+    out = Path(out)
+    _dump_json(out / "model_index.json", SD15_MODEL_INDEX)
+    _dump_json(out / "unet" / "config.json", SD15_UNET)
+    _dump_json(out / "vae" / "config.json", SD15_VAE)
+    _dump_json(out / "text_encoder" / "config.json", SD15_TEXT)
+    _dump_json(out / "scheduler" / "scheduler_config.json", SD15_SCHEDULER)
+    _dump_json(out / "tokenizer" / "tokenizer_config.json", SD15_TOKENIZER)
+    (out / "README.md").write_text(SD15_README, encoding="utf-8")
+    return out
+
+
+def attn2_widths_from_config(unet_config: dict) -> dict[str, int]:
+    """Re-exported from `perfusion_hub.arch`."""
+    from perfusion_hub.arch import attn2_widths_from_config as f
+
+    return f(unet_config)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=TINY_DIR)
+    ap.add_argument("--skip-vae", action="store_true", help="keep the existing VAE weights")
+    args = ap.parse_args(argv)
+    build_tiny(args.out, skip_vae=args.skip_vae, log=lambda m: print(m, flush=True))
+
+
+if __name__ == "__main__":
+    main()
