@@ -6,7 +6,6 @@ searching and installing start fast.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
@@ -33,7 +32,37 @@ class Context:
         return self._home
 
 
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+class UserError(click.ClickException):
+    """A user-caused error (PfxError, bad concept file, engine input error) with its stable exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class PfxGroup(click.Group):
+    """Maps the library's user-facing exceptions to UserError, so exit codes are the same whether pfx
+    runs as a program or under click's CliRunner. Anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001
+            from cli.output import error_exit_code
+
+            code = error_exit_code(e)
+            debug = isinstance(ctx.obj, Context) and ctx.obj.debug
+            if code is None or debug:
+                raise
+            raise UserError(str(e), code) from e
+
+
+@click.group(cls=PfxGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", envvar="PFX_HOME", type=click.Path(file_okay=False), help="Home folder (env PFX_HOME).")
 @click.option("--offline", is_flag=True, envvar="PFX_OFFLINE", help="Never open a socket (env PFX_OFFLINE=1).")
 @click.option("--debug", is_flag=True, envvar="PFX_DEBUG", help="Show tracebacks.")
@@ -64,7 +93,7 @@ def version(as_json: bool) -> None:
 def _register() -> None:
     import importlib
 
-    for mod in ("cli.cmd_local", "cli.cmd_remote", "cli.cmd_engine"):
+    for mod in ("cli.cmd_local", "cli.cmd_remote", "cli.cmd_engine", "cli.cmd_keys"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -78,9 +107,6 @@ _register()
 
 
 def main(argv: list[str] | None = None) -> None:
-    from cli.output import error_exit_code
-
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("PFX_DEBUG") == "1"
     try:
         cli.main(args=argv, prog_name="pfx", standalone_mode=False)
     except click.exceptions.Abort:
@@ -91,12 +117,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # noqa: BLE001
-        code = error_exit_code(e)
-        if code is None or debug:
-            raise
-        click.echo(f"error: {e}", err=True)
-        sys.exit(code)
     sys.exit(0)
 
 

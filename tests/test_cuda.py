@@ -1,0 +1,82 @@
+"""Mixed-precision paths on a CUDA device (skipped without one): the processor under fp16/bf16,
+rendering against the fp32 CPU reference, bf16 training, and the fast render mode against eager."""
+
+import numpy as np
+import pytest
+import torch
+
+from perfusion_hub.bases import load_base
+from perfusion_hub.covariance import packaged_covariance
+from perfusion_hub.loaders import load_concepts, runtime_of, unload_concepts
+from perfusion_hub.render import render
+from perfusion_hub.train import TrainConfig, train_concept
+from tests.enginekit import photo_folder, synthetic_concept
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(scope="module", params=["fp16", "bf16"])
+def gpu_base(request):
+    base = load_base("tiny", device="cuda", dtype=request.param)
+    yield base
+    unload_concepts(base.pipe)
+
+
+def test_processor_half_precision_matches_fp32(gpu_base, tiny_base, tiny_cov):
+    c = synthetic_concept(tiny_base, tiny_cov, "cat-mittens", "cat", seed=3)
+    load_concepts(gpu_base.pipe, [c], covariance=tiny_cov)
+    load_concepts(tiny_base.pipe, [c], covariance=tiny_cov)
+    try:
+        rt_gpu, rt_cpu = runtime_of(gpu_base.pipe), runtime_of(tiny_base.pipe)
+        e = torch.randn(2, 77, c.target_input.shape[0], generator=torch.Generator().manual_seed(0))
+        e[0, 4] = c.target_input
+        for path, attn in rt_gpu.layers.items():
+            k, v = rt_gpu.key_value(path, attn, e.to("cuda", gpu_base.dtype), ["cat-mittens"])
+            k32, v32 = rt_cpu.key_value(path, rt_cpu.layers[path], e, ["cat-mittens"])
+            assert k.dtype == gpu_base.dtype and torch.isfinite(k).all() and torch.isfinite(v).all()
+            tol = 3e-2 if gpu_base.dtype == torch.bfloat16 else 5e-3
+            torch.testing.assert_close(k.float().cpu(), k32, rtol=tol, atol=tol * 4)
+            torch.testing.assert_close(v.float().cpu(), v32, rtol=tol, atol=tol * 4)
+    finally:
+        unload_concepts(gpu_base.pipe)
+        unload_concepts(tiny_base.pipe)
+
+
+def test_render_half_precision_close_to_cpu_fp32(gpu_base, tiny_base, tiny_cov):
+    c = synthetic_concept(tiny_base, tiny_cov, "cat-mittens", "cat", seed=4)
+    p = "a photo of <cat-mittens> on a chair"
+    try:
+        gpu = np.asarray(render(gpu_base, p, concepts=[c], covariance=tiny_cov, steps=10).images[0], dtype=float)
+        cpu = np.asarray(render(tiny_base, p, concepts=[c], covariance=tiny_cov, steps=10).images[0], dtype=float)
+    finally:
+        unload_concepts(gpu_base.pipe)
+        unload_concepts(tiny_base.pipe)
+    assert np.abs(gpu - cpu).mean() < 6.0  # out of 255: same image up to half-precision drift
+
+
+def test_bf16_training_is_finite(tmp_path, tiny_cov):
+    base = load_base("tiny", device="cuda", dtype="bf16")
+    res = train_concept(base, photo_folder(tmp_path / "p"), name="cat-mittens", superclass="cat", covariance=tiny_cov,
+                        out_path=tmp_path / "c.safetensors", config=TrainConfig(steps=5, batch_size=8, previews=1,
+                                                                                preview_steps=5))
+    assert all(np.isfinite(res.losses))
+    assert all(torch.isfinite(t).all() and t.dtype == torch.float32 for t in res.concept.tensors().values())
+    assert res.previews and res.previews[0].exists()
+
+
+def test_fast_render_matches_eager(tiny_cov, tiny_base):
+    from perfusion_hub.fast import FastRenderer
+
+    base = load_base("tiny", device="cuda", dtype="fp16")
+    c = synthetic_concept(tiny_base, tiny_cov, "cat-mittens", "cat", seed=5)
+    load_concepts(base.pipe, [c], covariance=tiny_cov)
+    p = "a photo of <cat-mittens>"
+    eager = np.asarray(render(base, p, steps=10).images[0], dtype=int)
+    fr = FastRenderer(base.pipe)
+    try:
+        fast = np.asarray(render(base, p, steps=10, fast=fr).images[0], dtype=int)
+        again = np.asarray(render(base, p, steps=10, fast=fr).images[0], dtype=int)
+    finally:
+        fr.close()
+    assert np.abs(fast - eager).max() <= 3
+    assert np.array_equal(fast, again)
