@@ -120,10 +120,16 @@ def edited_projection(
     Returns fp32; the caller casts to the module's dtype. `gate_override` ([N] or broadcastable) replaces
     the computed gates, which the property tests use to force a gate fully open or shut.
     """
-    e32 = e.to(basis.G.dtype)
-    coeff = e32 @ basis.A  # [..., N]
-    g = gates(e32, basis) if gate_override is None else gate_override.to(e32.dtype).expand_as(coeff)
-    return base_out.to(e32.dtype) - coeff @ w_u.T + g @ targets
+    return edit_terms(base_out, e, basis.A, basis.G, basis.beta, basis.tau, w_u, targets, gate_override)
+
+
+def edit_terms(base_out, e, a, g, beta, tau, w_u, targets, gate_override=None) -> torch.Tensor:
+    """The same as edited_projection on plain tensors (what a compiled UNet traces without Python objects)."""
+    e32 = e.to(g.dtype)
+    coeff = e32 @ a  # [..., N]
+    gate = torch.sigmoid((e32 @ g - beta) / tau) if gate_override is None else \
+        gate_override.to(e32.dtype).expand_as(coeff)
+    return base_out.to(e32.dtype) - coeff @ w_u.T + gate @ targets
 
 
 def apply_edit(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from perfusion_hub.edit import Basis, edited_projection, inverse_and_root, make_basis
+from perfusion_hub.edit import Basis, edit_terms, edited_projection, inverse_and_root, make_basis
 from perfusion_hub.errors import IncompatibleConcepts
 
 
@@ -70,6 +70,7 @@ class PerfusionRuntime:
         self._layer_cache: dict[str, tuple] = {}
         self._kv_cache: dict[str, tuple] = {}
         self._originals: dict[str, object] = {}
+        self._frozen: dict[str, tuple] = {}
         self.corpus_digest = ""
         self.hook = None  # the text encoder's pre-hook that feeds observe_tokens
 
@@ -167,7 +168,25 @@ class PerfusionRuntime:
             self._layer_cache[path] = (key, terms)
         return terms
 
+    def freeze_terms(self, names: list[str], device) -> None:
+        """Training: compute every layer's terms once per forward, outside the UNet call.
+
+        The processors then only read plain tensors, so a compiled UNet sees no Python-side math (no
+        graph breaks, no recompiles when i* moves); O_V stays attached to its trainable parameters.
+        """
+        b = self.basis(names, device)
+        self._frozen = {}
+        for path, attn in self.layers.items():
+            wk_u, wv_u, o_k, o_v = self.layer_terms(path, attn, names, b)
+            self._frozen[path] = (b.A, b.G, b.beta, b.tau, wk_u, wv_u, o_k, o_v)
+
     def key_value(self, path: str, attn, ehs: torch.Tensor, names: list[str]):
+        frozen = self._frozen.get(path) if self.training else None
+        if frozen is not None:
+            a, g, beta, tau, wk_u, wv_u, o_k, o_v = frozen
+            key = edit_terms(attn.to_k(ehs), ehs, a, g, beta, tau, wk_u, o_k).to(ehs.dtype)
+            value = edit_terms(attn.to_v(ehs), ehs, a, g, beta, tau, wv_u, o_v).to(ehs.dtype)
+            return key, value
         cacheable = not self.training and not torch.is_grad_enabled()
         if cacheable:
             hit = self._kv_cache.get(path)
@@ -214,7 +233,8 @@ class PerfusionAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
         rt = self.runtime
-        rt._unet_ran = True
+        if not rt.training:
+            rt._unet_ran = True
         names = rt.active()
         if not names or encoder_hidden_states is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)

@@ -254,6 +254,7 @@ def train_concept(
                 with torch.no_grad():
                     concept_enc += enc_u.detach().double()[ids_u == token_id][inverse.to(device)].sum(0)
                     n_enc += b
+                rt.freeze_terms([name], device)
                 latents = mean[idx.to(device)] + std[idx.to(device)] * eps.to(device)
                 noisy = sched.add_noise(latents, noise.to(device), timesteps.to(device))
                 pred = unet_fn(noisy.to(dtype), timesteps.to(device), ehs.to(dtype)).sample.float()
