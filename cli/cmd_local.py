@@ -96,8 +96,19 @@ def verify_cmd(ctx: click.Context, fix: bool, as_json: bool) -> None:
                 click.echo(f"  {kind}: {item['role']} {item['digest']} (used by {', '.join(item['used_by'])})")
         for d in r["fixed"]:
             click.echo(f"  deleted {d}")
+        for item in r.get("untrusted", []):
+            click.echo(f"  untrusted: {', '.join(item['used_by'])}: {item['detail']}")
 
     emit(report, as_json, human)
+    for w in report.get("trust_warnings", []):
+        click.echo(f"warning: {w}", err=True)
+    if not report["ok"] and not any(report[k] for k in ("missing", "corrupt", "bad_manifest", "index_mismatch")):
+        from registry.errors import Untrusted
+
+        users = sorted({u for i in report["untrusted"] for u in i["used_by"]})
+        raise Untrusted(f"verify: {len(users)} installed version(s) lack a valid signature by a trusted key: "
+                        f"{', '.join(users[:5])}{' ...' if len(users) > 5 else ''}",
+                        hint="trust the publisher (pfx key trust NAMESPACE KEY), or remove them")
     if not report["ok"]:
         bad = sum(len(report[k]) for k in ("missing", "corrupt", "bad_manifest", "index_mismatch"))
         users = sorted({u for k in ("missing", "corrupt", "bad_manifest", "index_mismatch") for i in report[k]
@@ -186,6 +197,8 @@ def import_cmd(ctx: click.Context, bundle: str, as_json: bool) -> None:
     from registry.bundle import import_bundle
 
     out = import_bundle(_home(ctx), bundle)
+    for w in out.get("warnings", []):
+        click.echo(f"warning: {w}", err=True)
     emit(out, as_json, lambda d: click.echo(
         f"imported {len(d['imported'])} concept(s)"
         + (f", {len(d['already_installed'])} already installed" if d["already_installed"] else "")

@@ -63,6 +63,9 @@ def install(ctx, refs, lock, remote, workers, as_json):
             verb = "installed" if r["status"] == "installed" else "already installed:"
             click.echo(f"{verb} {r['name']}@{r['version']}{where}{note}")
 
+    for r in results:
+        if r.get("warning"):
+            _warn(r["warning"])
     emit(results, as_json, human)
 
 
@@ -157,17 +160,21 @@ def info(ctx, ref, remote, as_json):
 @click.argument("ref")
 @click.option("--to", "to", help="Remote to publish to (default: your default remote).")
 @click.option("--no-latest", is_flag=True, help="Do not move the 'latest' tag.")
+@click.option("--sign/--no-sign", default=None,
+              help="Sign the manifest digest (default: sign when you have a default key, see `pfx key`).")
+@click.option("--key", "key_name", help="Sign with this key (from `pfx key list`).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def publish(ctx, ref, to, no_latest, as_json):
+def publish(ctx, ref, to, no_latest, sign, key_name, as_json):
     """Publish a local NAME[@VERSION] to a remote (never overwrites a published version)."""
     from registry.publish import publish as do_publish
 
-    res = do_publish(_home(ctx), ref, to=to, move_latest=not no_latest)
+    res = do_publish(_home(ctx), ref, to=to, move_latest=not no_latest, sign=sign, key=key_name)
 
     def human(r):
         how = "completed an interrupted publish of" if r["resumed"] else "published"
-        click.echo(f"{how} {r['name']}@{r['version']} to {r['remote']} ({r['manifest'][:19]}...)")
+        signed = f", signed by {r['signed_by'][0][:12]}" if r.get("signed_by") else ""
+        click.echo(f"{how} {r['name']}@{r['version']} to {r['remote']} ({r['manifest'][:19]}...{signed})")
 
     emit(res, as_json, human)
 

@@ -82,8 +82,8 @@ def _write_tree(home: Home, root: Path, rows: list[dict], progress: Callable[[in
             entries[e["manifest"]] = e
     for r in rows:
         m = home.manifest(r["manifest"])
-        if publish_manifest is not None:
-            publish_manifest(remote, m, home.store.read_bytes)
+        if publish_manifest is not None:  # with the stored publisher signatures, so import can check them
+            publish_manifest(remote, m, home.store.read_bytes, signatures=home.index.signatures(m.digest))
         else:
             for b in m.blobs():
                 _put_file(root / _hexkey("blobs", b["digest"]), home.store.read_bytes(b["digest"]))
@@ -350,8 +350,18 @@ def import_bundle(home: Home, source: str | os.PathLike, *,
                 raise VersionExists(f"{m.ref()} is already installed with another manifest ({cur['manifest'][:19]}...)",
                                     hint=f"`pfx remove {m.ref()}` first to replace it with the bundle's")
             manifests.append((m, e["yanked"]))
+        # Signatures, under the same per-namespace policy as install (Untrusted before any blob is written).
+        from registry.home import InstallRecord
+        from registry.signing import MAX_SIG_BYTES, Trust
+
+        def fetch_sig(key: str) -> bytes | None:
+            return _read_capped(src, key, MAX_SIG_BYTES) if src.exists(key) else None
+
+        trust = Trust.load(home)
+        checks = [trust.check_with(fetch_sig, m, f"bundle {src.where}") for m, _ in manifests]
+        warnings = [t.message for t in checks if t.status == "warn"]
         imported, skipped, written = [], [], 0
-        for m, yanked in manifests:
+        for (m, yanked), t in zip(manifests, checks):
             with home.pending([b["digest"] for b in m.blobs()] + [m.digest]):
                 for b in m.blobs():
                     if home.store.has(b["digest"]) and home.store.verify_blob(b["digest"]) == "ok":
@@ -363,12 +373,12 @@ def import_bundle(home: Home, source: str | os.PathLike, *,
                     home.store.put_stream(src.chunks(key), expect_digest=b["digest"], expect_size=b["size"])
                     written += 1
                 before = home.find_installed(parse_ref(f"{m.name}@{m.version}"))
-                home.record_install(m, remote=None)
-                if yanked:
-                    home.set_yanked(m.name, m.version, True)
+                sigs = [(t.keyid, t.signature)] if t.status == "verified" and t.signature else []
+                home.record_installs([InstallRecord(m, None, yanked=yanked, signatures=sigs)])
             (skipped if before else imported).append({"name": m.name, "version": m.version, "manifest": m.digest})
             if progress:
                 progress(1)
-        return {"bundle": src.where, "imported": imported, "already_installed": skipped, "blobs_written": written}
+        return {"bundle": src.where, "imported": imported, "already_installed": skipped, "blobs_written": written,
+                "warnings": warnings}
     finally:
         src.close()

@@ -19,6 +19,7 @@ import re
 import tomllib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
@@ -123,6 +124,18 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InstallRecord:
+    """One version for Home.record_installs: its manifest, where it came from, and what to keep with it
+    (the detached signature documents that verified it, as (keyid, bytes))."""
+
+    manifest: Manifest
+    remote: str | None
+    pinned: bool = False
+    yanked: bool = False
+    signatures: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 class Home:
@@ -279,44 +292,69 @@ class Home:
             self.index.drop_pending(ids)
 
     def record_install(self, manifest: Manifest, *, remote: str | None, pinned: bool = False) -> dict:
-        """Record an installed version in one transaction. Every blob must already be in the store.
+        """Record one installed version (see record_installs)."""
+        return self.record_installs([InstallRecord(manifest, remote, pinned)])[0]
 
-        The presence check runs inside the write transaction, and gc deletes only inside one too, so
-        once this returns no gc can take the version's blobs. Re-recording the same manifest is a
-        no-op (it keeps the first install's remote and time); another manifest under the same
-        name@version is refused (VersionExists).
+    def record_installs(self, records: list[InstallRecord]) -> list[dict]:
+        """Record installed versions in ONE transaction. Every blob must already be in the store.
+
+        The presence checks run inside the write transaction, and gc deletes only inside one too, so
+        once this returns no gc can take the versions' blobs. The manifest is written only if the
+        store lacks an intact copy (an install stores it beforehand, from its download workers,
+        under a pending row): re-hashing ~1 KB is far cheaper than a rewrite with fsync, and the
+        check is inside the transaction, so a gc cannot delete it between check and commit.
+        Re-recording the same manifest is a no-op (it keeps the first install's remote and time);
+        another manifest under the same name@version is refused (VersionExists) and the whole
+        batch is rolled back.
         """
         with self.index.write() as c:
-            for b in manifest.blobs():
-                try:
-                    size = self.store.size(b["digest"])
-                except NotFound:
-                    raise NotFound(f"{manifest.ref()}: {b['role']} blob {b['digest']} is not in the store",
-                                   hint="fetch it first (install does this)") from None
-                if size != b["size"]:
-                    raise IntegrityError(f"{manifest.ref()}: {b['role']} blob {b['digest']} has {size} bytes, "
-                                         f"manifest says {b['size']}")
-            self.store.put_bytes(manifest.data, expect_digest=manifest.digest)
-            cur = c.execute("SELECT manifest FROM installed WHERE name = ? AND version = ?",
-                            (manifest.name, manifest.version)).fetchone()
-            if cur is not None:
-                if cur[0] != manifest.digest:
-                    raise VersionExists(
-                        f"{manifest.ref()} is already installed with another manifest ({cur[0]}, not {manifest.digest})",
-                        hint=f"`pfx remove {manifest.ref()}` first if you mean to replace it")
-                if pinned:
-                    c.execute("UPDATE installed SET pinned = 1 WHERE manifest = ?", (manifest.digest,))
-                return self.index.installed_by_manifest(manifest.digest)  # type: ignore[return-value]
+            for r in records:
+                self._record_one(c, r)
+        return [self.index.installed_by_manifest(r.manifest.digest) for r in records]  # type: ignore[misc]
+
+    def _ensure_manifest(self, manifest: Manifest) -> None:
+        try:
+            if self.store.read_bytes(manifest.digest) == manifest.data:  # read_bytes re-hashes
+                return
+        except (NotFound, IntegrityError):
+            pass
+        self.store.put_bytes(manifest.data, expect_digest=manifest.digest)
+
+    def _record_one(self, c, r: InstallRecord) -> None:
+        manifest = r.manifest
+        for b in manifest.blobs():
+            try:
+                size = self.store.size(b["digest"])
+            except NotFound:
+                raise NotFound(f"{manifest.ref()}: {b['role']} blob {b['digest']} is not in the store",
+                               hint="fetch it first (install does this)") from None
+            if size != b["size"]:
+                raise IntegrityError(f"{manifest.ref()}: {b['role']} blob {b['digest']} has {size} bytes, "
+                                     f"manifest says {b['size']}")
+        self._ensure_manifest(manifest)
+        cur = c.execute("SELECT manifest FROM installed WHERE name = ? AND version = ?",
+                        (manifest.name, manifest.version)).fetchone()
+        if cur is not None:
+            if cur[0] != manifest.digest:
+                raise VersionExists(
+                    f"{manifest.ref()} is already installed with another manifest ({cur[0]}, not {manifest.digest})",
+                    hint=f"`pfx remove {manifest.ref()}` first if you mean to replace it")
+            if r.pinned:
+                c.execute("UPDATE installed SET pinned = 1 WHERE manifest = ?", (manifest.digest,))
+            if r.yanked:
+                c.execute("UPDATE installed SET yanked = 1 WHERE manifest = ?", (manifest.digest,))
+        else:
             row = {
-                "name": manifest.name, "version": manifest.version, "manifest": manifest.digest, "remote": remote,
-                "installed_at": now_iso(), "pinned": int(pinned), "yanked": 0,
+                "name": manifest.name, "version": manifest.version, "manifest": manifest.digest,
+                "remote": r.remote, "installed_at": now_iso(), "pinned": int(r.pinned), "yanked": int(r.yanked),
                 "concept": manifest.concept["digest"], "size": manifest.total_size(),
                 "base_name": manifest.base_name, "base_digest": manifest.base_digest,
                 "superclass": manifest.superclass, "trigger": manifest.trigger,
                 "description": manifest.description, "tags": " ".join(manifest.tags), "license": manifest.license,
             }
             self.index.insert_installed(c, row, manifest.blobs())
-        return self.index.installed_by_manifest(manifest.digest)  # type: ignore[return-value]
+        if r.signatures:
+            self.index.insert_signatures(c, manifest.digest, list(r.signatures))
 
     def installed(self, name: str | None = None) -> list[dict]:
         """Installed versions (dicts with name, version, manifest, remote, installed_at, yanked, pinned,

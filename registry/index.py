@@ -22,7 +22,7 @@ from typing import Any
 
 import sqlite_utils
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: signatures table (every statement is IF NOT EXISTS, so upgrading re-runs the DDL)
 BUSY_TIMEOUT_MS = 60_000
 
 _DDL = """
@@ -75,6 +75,13 @@ CREATE TABLE IF NOT EXISTS covariances (
     digest TEXT NOT NULL,
     added_at TEXT NOT NULL,
     PRIMARY KEY (base_digest, corpus_digest)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS signatures (
+    manifest TEXT NOT NULL,
+    keyid TEXT NOT NULL,
+    body BLOB NOT NULL,
+    added_at TEXT NOT NULL,
+    PRIMARY KEY (manifest, keyid)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS base_digests (
     key TEXT PRIMARY KEY,
@@ -180,6 +187,18 @@ class Index:
             "INSERT OR IGNORE INTO blob_refs (manifest, digest, size, role) VALUES (?, ?, ?, ?)",
             [(row["manifest"], b["digest"], b["size"], b["role"]) for b in blobs],
         )
+
+    def insert_signatures(self, c: sqlite3.Connection, manifest: str, sigs: list[tuple[str, bytes]]) -> None:
+        """Keep the detached signature documents of an installed manifest, so `pfx verify` can check
+        them offline. Rows, not blobs: they are tiny and gc never has to know about them."""
+        c.executemany(
+            "INSERT OR REPLACE INTO signatures (manifest, keyid, body, added_at) VALUES (?, ?, ?, ?)",
+            [(manifest, k, bytes(b), now_iso()) for k, b in sigs],
+        )
+
+    def signatures(self, manifest: str) -> list[tuple[str, bytes]]:
+        return [(k, bytes(b)) for k, b in self.conn.execute(
+            "SELECT keyid, body FROM signatures WHERE manifest = ? ORDER BY keyid", (manifest,))]
 
     def installed(self, name: str | None = None) -> list[dict]:
         cols = ", ".join(INSTALLED_COLUMNS)

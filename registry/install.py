@@ -13,6 +13,11 @@ Promises:
 * Resolution of every reference happens before any download (a typo fails fast, fetching nothing).
   A version is recorded only once all of its blobs are verified in the store (recording overlaps the
   remaining downloads); the blobs are marked pending meanwhile so a concurrent `gc` keeps them.
+* Publisher signatures are checked right after resolution, before any blob is fetched, under the
+  namespace's trust policy (registry/signing.py): one GET per trusted key, by its known key.
+* Recording is cheap: manifests are written to the store by the download workers (in parallel, under
+  pending rows, so their fsyncs overlap the network), and ready versions are recorded in batches, one
+  SQLite transaction each, which re-checks every blob and the manifest inside the transaction.
 """
 
 from __future__ import annotations
@@ -26,15 +31,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from registry.errors import IntegrityError, NotFound, OfflineError, PfxError, RemoteError, UsageError
+from registry.errors import (
+    IntegrityError,
+    NotFound,
+    OfflineError,
+    PfxError,
+    RemoteError,
+    Untrusted,
+    UsageError,
+)
 from registry.manifest import Manifest
 from registry.names import Ref, parse_ref
 from registry.remotes import OfflineRemote, open_remote
 from registry.remotes.base import KeyMissing, Remote, blob_key
 from registry.resolve import Resolved, cache_get, cache_put, fetch_manifest, resolve_on
+from registry.signing import Trust, TrustResult
 
 DEFAULT_WORKERS = 8
 DOWNLOAD_ATTEMPTS = 5
+RECORD_BATCH = 64  # versions per index transaction while downloads are still running
 Progress = Callable[[int, int], None]  # (bytes just completed, total bytes to download)
 
 
@@ -53,6 +68,7 @@ class _Want:
     lock: dict | None = None
     resolved: Resolved | None = None
     present: dict | None = None
+    trust: TrustResult | None = None
     errors: list[BaseException] = field(default_factory=list)
 
 
@@ -78,8 +94,8 @@ def _blobs_present(home: Any, m: Manifest) -> bool:
 
 
 def _pick_error(w: _Want) -> BaseException:
-    """The most useful of the errors seen across remotes: integrity > remote > offline > not found."""
-    for kind in (IntegrityError, RemoteError, OfflineError):
+    """The most useful of the errors seen across remotes: untrusted > integrity > remote > offline > not found."""
+    for kind in (Untrusted, IntegrityError, RemoteError, OfflineError):
         for e in w.errors:
             if isinstance(e, kind):
                 if kind is OfflineError:
@@ -93,7 +109,7 @@ def _pick_error(w: _Want) -> BaseException:
     return w.errors[0] if w.errors else NotFound(f"{w.label} was not found: no remotes configured")
 
 
-def _resolve_one(w: _Want, remotes: list[Remote], cached: dict) -> None:
+def _resolve_one(w: _Want, remotes: list[Remote], cached: dict, trust: Trust | None = None) -> None:
     if w.lock and w.lock.get("remote"):
         remotes = sorted(remotes, key=lambda r: r.name != w.lock["remote"])  # the locked remote first
     for remote in remotes:
@@ -103,9 +119,12 @@ def _resolve_one(w: _Want, remotes: list[Remote], cached: dict) -> None:
                                    expect_version=w.lock["version"])
                 if w.lock["blobs"] and sorted(b["digest"] for b in m.blobs()) != w.lock["blobs"]:
                     raise IntegrityError(f"{w.label}: manifest blobs differ from the lockfile's")
-                w.resolved = Resolved(w.ref, m, remote)
+                resolved = Resolved(w.ref, m, remote)
             else:
-                w.resolved = resolve_on(remote, w.ref, cached.get((remote.url, w.ref.name)))
+                resolved = resolve_on(remote, w.ref, cached.get((remote.url, w.ref.name)))
+            # Untrusted under enforce: this remote's version is refused; another remote may have a signed one.
+            w.trust = trust.check_remote(remote, resolved.manifest) if trust is not None else None
+            w.resolved = resolved
             return
         except (PfxError, KeyMissing) as e:
             w.errors.append(e)
@@ -150,44 +169,80 @@ class _Downloader:
         raise cls(f"blob {digest} could not be fetched intact: {'; '.join(errors[-3:])}",
                   hint="nothing was stored; retry later or try another remote (--remote)")
 
+    def store_manifest(self, m: Manifest) -> None:
+        """Write a (verified) manifest into the store from a worker thread; record re-checks it."""
+        if not self.home.store.has(m.digest):
+            self.home.store.put_bytes(m.data, expect_digest=m.digest)
+
+
+def _record(home: Any, ws: list[_Want]) -> None:
+    """Record complete versions in one index transaction (with the signatures that verified them)."""
+    from registry.home import InstallRecord
+
+    recs = []
+    for w in ws:
+        t = w.trust
+        sigs = [(t.keyid, t.signature)] if t is not None and t.status == "verified" and t.signature else []
+        recs.append(InstallRecord(w.resolved.manifest, w.resolved.remote.name, pinned=w.ref.kind == "digest",
+                                  yanked=bool(w.resolved.yanked), signatures=sigs))
+    home.record_installs(recs)
+
 
 def _fetch_and_record(home: Any, todo: list[_Want], need: dict, dl: _Downloader, workers: int) -> None:
-    """Download in a pool; record each version (main thread: it owns SQLite) as soon as all of its
-    blobs are in the store, so the index writes overlap the remaining downloads. A failed blob
-    stops everything not yet recorded; versions already recorded are complete and verified."""
-    from concurrent.futures import FIRST_EXCEPTION, wait
+    """Download blobs in a pool; once a version's blobs are all in the store, its manifest is written
+    by the pool too (so no manifest of a failed version is stored, and the fsyncs run in parallel);
+    then the main thread (it owns SQLite) records ready versions in batches, overlapping the remaining
+    downloads. A failed blob stops everything not yet recorded, after recording what is complete."""
+    from concurrent.futures import FIRST_COMPLETED, wait
 
     waiting = {id(w): {b["digest"] for b in w.resolved.manifest.blobs()} & set(need) for w in todo}
-    recorded: set[int] = set()
-
-    def record(w: _Want) -> None:
-        m = w.resolved.manifest
-        home.record_install(m, remote=w.resolved.remote.name, pinned=w.ref.kind == "digest")
-        if w.resolved.yanked and hasattr(home, "set_yanked"):
-            home.set_yanked(m.name, m.version, True)
-        recorded.add(id(w))
-
-    for w in todo:
-        if not waiting[id(w)]:
-            record(w)
     users: dict[str, list[_Want]] = {}
     for w in todo:
         for d in waiting[id(w)]:
             users.setdefault(d, []).append(w)
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(need) or 1))) as ex:
-        pending = {ex.submit(dl.fetch, d, s, order): d for d, (s, order) in need.items()}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_EXCEPTION)
-            for f in done:
-                d = pending.pop(f)
-                if f.exception() is not None:
-                    for other in pending:
-                        other.cancel()
-                    raise f.exception()
-                for w in users.get(d, []):
-                    waiting[id(w)].discard(d)
-                    if not waiting[id(w)] and id(w) not in recorded:
-                        record(w)
+    ready: list[_Want] = []
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(need) + len(todo)))) as ex:
+        pending: dict = {}  # future -> ("blob", digest) | ("manifest", want)
+
+        def blobs_done(w: _Want) -> None:
+            pending[ex.submit(dl.store_manifest, w.resolved.manifest)] = ("manifest", w)
+
+        submitted: set[str] = set()
+        for w in todo:  # in want order, so early versions complete early
+            for b in w.resolved.manifest.blobs():
+                d = b["digest"]
+                if d in need and d not in submitted:
+                    submitted.add(d)
+                    size, order = need[d]
+                    pending[ex.submit(dl.fetch, d, size, order)] = ("blob", d)
+            if not waiting[id(w)]:
+                blobs_done(w)
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    kind, what = pending.pop(f)
+                    if f.exception() is not None:
+                        raise f.exception()
+                    if kind == "manifest":
+                        ready.append(what)
+                        continue
+                    for w in users.get(what, []):
+                        waiting[id(w)].discard(what)
+                        if not waiting[id(w)]:
+                            blobs_done(w)
+                if len(ready) >= RECORD_BATCH or (ready and not pending):
+                    batch, ready = ready, []  # a batch that fails to record is not retried below
+                    _record(home, batch)
+        except BaseException:
+            for other in pending:
+                other.cancel()
+            if ready:
+                try:
+                    _record(home, ready)  # complete versions stay installed ...
+                except Exception:  # noqa: BLE001, S110 - ... but the first error is the one to report
+                    pass
+            raise
 
 
 def install(
@@ -231,9 +286,10 @@ def install(
                     c = cache_get(home, r, w.ref.name)
                     if c:
                         cached[(r.url, w.ref.name)] = c
-        # 2. Resolve everything before fetching anything.
+        # 2. Resolve (and check signatures) for everything before fetching anything.
+        trust = Trust.load(home)
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as ex:
-            list(ex.map(lambda w: _resolve_one(w, remotes, cached), todo))
+            list(ex.map(lambda w: _resolve_one(w, remotes, cached, trust), todo))
         failed = [w for w in todo if w.resolved is None]
         if failed:
             raise _pick_error(failed[0])
@@ -249,7 +305,7 @@ def install(
                     need[b["digest"]] = (b["size"], order)
         total = sum(s for s, _ in need.values())
         dl = _Downloader(home, total, progress)
-        with home.pending(list(need)):
+        with home.pending(list(need) + [w.resolved.manifest.digest for w in todo]):
             _fetch_and_record(home, todo, need, dl, workers)
     for w in wants:
         if w.present is not None:
@@ -259,7 +315,10 @@ def install(
         else:
             m = w.resolved.manifest
             results.append({"name": m.name, "version": m.version, "manifest": m.digest,
-                            "remote": w.resolved.remote.name, "status": "installed", "yanked": w.resolved.yanked})
+                            "remote": w.resolved.remote.name, "status": "installed", "yanked": w.resolved.yanked,
+                            "signed_by": w.trust.keyid if w.trust else None})
+            if w.trust is not None and w.trust.status == "warn":
+                results[-1]["warning"] = w.trust.message
     return results
 
 

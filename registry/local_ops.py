@@ -33,7 +33,9 @@ def _workers() -> int:
 
 def verify(home: Home, *, fix: bool = False, progress: Callable[[int], None] | None = None) -> dict:
     """Re-hash every blob and manifest the index references; check manifests parse and agree with
-    the index. With `fix`, corrupt files are deleted so that a reinstall fetches them again."""
+    the index; check stored publisher signatures against the trust policy ('untrusted' entries fail
+    the verify, 'trust_warnings' do not). With `fix`, corrupt files are deleted so that a reinstall
+    fetches them again."""
     t0 = time.perf_counter()
     conn = home.index.conn
     users: dict[str, list[str]] = {}
@@ -93,9 +95,13 @@ def verify(home: Home, *, fix: bool = False, progress: Callable[[int], None] | N
             problems[status].append(item)
             if fix and status in ("corrupt", "bad_manifest") and home.store.delete(digest):
                 fixed.append(digest)
-    ok = not any(problems.values())
+    # Signatures (offline: the documents were stored at install): required under an enforcing policy.
+    from registry.signing import verify_installed
+
+    trust = verify_installed(home)
+    ok = not any(problems.values()) and not trust["untrusted"]
     return {"ok": ok, "checked": len(roles), "installed": len(by_manifest), "bytes": total, **problems,
-            "fixed": fixed, "seconds": round(time.perf_counter() - t0, 3)}
+            **trust, "fixed": fixed, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def gc(home: Home, *, grace_s: float = GC_GRACE_S, dry_run: bool = False,

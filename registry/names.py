@@ -10,6 +10,7 @@ each other.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from registry.errors import InvalidName, UsageError
@@ -28,6 +29,21 @@ _WINDOWS_RESERVED = frozenset(
 REF_KINDS = ("default", "version", "range", "tag", "digest")
 
 
+def _short(text: str, limit: int = 60) -> str:
+    """repr() of user input, cut so a hostile 10 KB argument cannot flood an error message."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+def odd_character(text: str) -> str | None:
+    """Describe the first non-ASCII or control character, so a look-alike ('cаt' with a Cyrillic
+    'а', fullwidth 'ｃａｔ', a NUL) is named in the error rather than just called invalid."""
+    for i, ch in enumerate(text):
+        if not ch.isascii() or not ch.isprintable():
+            name = unicodedata.name(ch, "control character" if not ch.isprintable() else "unnamed character")
+            return f"U+{ord(ch):04X} {name} at position {i}"
+    return None
+
+
 def _check_part(part: str, whole: str) -> None:
     if not part:
         raise InvalidName(f"invalid name {whole!r}: empty part", hint="names look like 'cat-mittens' or 'team/cat-mittens'")
@@ -37,7 +53,20 @@ def _check_part(part: str, whole: str) -> None:
         hint = "use lowercase ASCII letters and digits with single '-', '_' or '.' between them"
         if part.isascii() and _PART.fullmatch(part.lower()):
             hint = f"names are lowercase: try {part.lower()!r}"
-        raise InvalidName(f"invalid name {whole!r}: {part!r} is not allowed", hint=hint)
+        odd = odd_character(part)
+        if odd:
+            why = f"contains {odd}, only ASCII is allowed"
+        elif part.strip(".") == "":
+            why = "is a path traversal"
+        elif part[-1] in "-_.":
+            why = f"ends with {part[-1]!r} (a trailing dot is dropped by Windows)"
+        elif part[0] in "-_.":
+            why = f"starts with {part[0]!r}"
+        elif re.search(r"[-_.]{2}", part):
+            why = "has two separators in a row (no '..')"
+        else:
+            why = "is not allowed"
+        raise InvalidName(f"invalid name {_short(whole)}: {_short(part)} {why}", hint=hint)
     if part.split(".", 1)[0] in _WINDOWS_RESERVED:
         raise InvalidName(f"invalid name {whole!r}: {part!r} is a reserved device name on Windows")
 
@@ -55,6 +84,10 @@ def validate_name(name: str) -> str:
     if len(name) > 2 * MAX_PART + 1:
         raise InvalidName(f"invalid name {name[:20]!r}...: {len(name)} characters is too long")
     parts = name.split("/")
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name):
+        raise InvalidName(f"invalid name {_short(name)}: an absolute path is not a name")
+    if any(p in (".", "..") for p in re.split(r"[/\\]", name)):
+        raise InvalidName(f"invalid name {_short(name)}: path traversal ('..') is not a name")
     if len(parts) > 2:
         raise InvalidName(f"invalid name {name!r}: at most one '/' (namespace/name)")
     for part in parts:
@@ -70,7 +103,7 @@ def is_digest(text: str) -> bool:
 def validate_tag(tag: str) -> str:
     """Tags are movable names such as 'latest'; they start with a letter so they never parse as semver."""
     if not isinstance(tag, str) or len(tag) > MAX_PART or not _TAG.fullmatch(tag):
-        raise UsageError(f"invalid tag {tag!r}", hint="tags are lowercase words starting with a letter, e.g. 'latest'")
+        raise UsageError(f"invalid tag {_short(str(tag))}", hint="tags are lowercase words starting with a letter, e.g. 'latest'")
     return tag
 
 
@@ -100,6 +133,11 @@ def parse_ref(text: str) -> Ref:
         return Ref(name, "default", None)
     if not sel:
         raise UsageError(f"invalid reference {text!r}: nothing after '@'")
+    odd = odd_character(sel)
+    if odd:
+        raise UsageError(f"invalid reference {_short(text)}: the part after '@' contains {odd}, only ASCII is allowed")
+    if len(sel) > 2 * MAX_PART + 64:
+        raise UsageError(f"invalid reference {_short(text)}: the part after '@' is too long")
     if sel.startswith("sha256:"):
         if not is_digest(sel):
             raise UsageError(f"invalid reference {text!r}: a digest pin is 'sha256:' and 64 lowercase hex digits")
@@ -111,6 +149,6 @@ def parse_ref(text: str) -> Ref:
         except UsageError:
             pass
     if sel[0].isalpha() and _TAG.fullmatch(sel):
-        return Ref(name, "tag", sel)
+        return Ref(name, "tag", validate_tag(sel))
     parse_range(sel)  # raises UsageError naming the problem
     return Ref(name, "range", sel)

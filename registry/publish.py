@@ -2,8 +2,11 @@
 
 Order of writes for `publish` (each step is safe to crash after, and safe to repeat):
 
-1. immutable blobs (concept, previews, covariance companion), then the manifest, each with
-   If-None-Match: * (an existing object of the right size is accepted: content-addressed);
+1. immutable blobs (concept, previews, covariance companion), then the manifest, then the detached
+   signature `sigs/sha256/<ab>/<hex>/<keyid>.sig` when the publisher signs (registry/signing.py),
+   each with If-None-Match: * (an existing object of the right size is accepted: content-addressed;
+   ed25519 signatures are deterministic, so a re-run writes the same bytes). The signature exists
+   before the claim, so no reader can see a signed version without its signature;
 2. a journal event `journal/<ms>-<random>.json` (unique key, never contended) so the compactor can
    find this publish, and repair the index if we crash before step 4;
 3. the claim `claims/<ab>/<sha256(name)>/<version>.json` with If-None-Match: * - the linearization
@@ -241,9 +244,13 @@ def write_event(remote: Remote, name: str, version: str, manifest_digest: str, k
 
 
 def publish_manifest(remote: Remote, m: Manifest, read_blob: Callable[[str], bytes], *,
-                     move_latest: bool = True, progress: Callable[[int], None] | None = None) -> dict:
+                     move_latest: bool = True, progress: Callable[[int], None] | None = None,
+                     signatures: list[tuple[str, bytes]] = ()) -> dict:
     """Publish one version whose bytes `read_blob(digest)` returns (verified). Usable by anything
-    that writes a registry (the CLI, bundle export, the sample-registry builder)."""
+    that writes a registry (the CLI, bundle export, the sample-registry builder). `signatures` are
+    (keyid, signature document) pairs written beside the manifest (registry/signing.py)."""
+    from registry.signing import sig_key
+
     remote.check_writable()
     # Identical bytes from every publisher, so even a store that ignores If-None-Match is harmless here.
     remote.put_if_absent(CONFIG_KEY, canonical_json(REGISTRY_CONFIG))
@@ -256,6 +263,8 @@ def publish_manifest(remote: Remote, m: Manifest, read_blob: Callable[[str], byt
         if progress:
             progress(len(data))
     put_immutable(remote, manifest_key(m.digest), m.data)
+    for keyid, doc in signatures:
+        put_immutable(remote, sig_key(m.digest, keyid), doc)
     write_event(remote, m.name, m.version, m.digest)
     claim = make_claim(m.name, m.version, m.digest, now_iso())
     resumed = False
@@ -276,12 +285,18 @@ def publish_manifest(remote: Remote, m: Manifest, read_blob: Callable[[str], byt
         resumed = True
     pkg = update_package(remote, m.name, lambda p: add_version(p, m, move_latest=move_latest))
     return {"name": m.name, "version": m.version, "manifest": m.digest, "remote": remote.name,
-            "resumed": resumed, "blobs_uploaded": uploaded, "tags": dict(pkg.tags)}
+            "resumed": resumed, "blobs_uploaded": uploaded, "tags": dict(pkg.tags),
+            "signed_by": [k for k, _ in signatures]}
 
 
 def publish(home: Any, ref_text: str, *, to: str | None = None, move_latest: bool = True,
-            progress: Callable[[int], None] | None = None, **options) -> dict:
-    """Publish an installed (or locally trained) `name[@version]` to a remote."""
+            progress: Callable[[int], None] | None = None, sign: bool | None = None, key: str | None = None,
+            **options) -> dict:
+    """Publish an installed (or locally trained) `name[@version]` to a remote, signed with `key` or the
+    default signing key if there is one (`sign=False` never signs; `sign=True` requires a key).
+    Re-publishing a published version with a key adds that key's signature (a resumed publish)."""
+    from registry.signing import choose_signer
+
     ref = parse_ref(ref_text)
     if ref.kind not in ("default", "version", "digest"):
         raise UsageError(f"publish takes NAME or NAME@VERSION, not {ref_text!r}")
@@ -289,9 +304,16 @@ def publish(home: Any, ref_text: str, *, to: str | None = None, move_latest: boo
     if row is None:
         raise NotFound(f"{ref_text} is not in the local store", hint="train it first, or `pfx install` it")
     m = home.manifest(row["manifest"])
+    signer = choose_signer(home, sign=sign, key=key)  # before any network: a bad key fails fast
     remote = target_remote(home, to, **options)
     ensure_publishable(home, remote)
-    return publish_manifest(remote, m, home.store.read_bytes, move_latest=move_latest, progress=progress)
+    sigs = [(signer.keyid, signer.sign(m.digest))] if signer else []
+    res = publish_manifest(remote, m, home.store.read_bytes, move_latest=move_latest, progress=progress,
+                           signatures=sigs)
+    if sigs:  # keep our own signature locally too, so `pfx verify` and bundles can use it
+        with home.index.write() as c:
+            home.index.insert_signatures(c, m.digest, sigs)
+    return res
 
 
 # --------------------------------------------------------------------------------------------------

@@ -164,6 +164,8 @@ def read_claim(remote: Remote, name: str, version: str) -> dict | None:
         data = remote.get(claim_key(name, version), max_bytes=MAX_CLAIM_BYTES)
     except KeyMissing:
         return None
+    except IntegrityError as e:  # over the cap: say which claim, not only its hashed key
+        raise IntegrityError(f"claim for {name}@{version}: {e}") from None
     return parse_claim(data, expect_name=name, expect_version=version)
 
 
@@ -197,7 +199,10 @@ def fetch_package_doc(remote: Remote, name: str, cached: tuple[bytes, str] | Non
     """(package doc or None, fresh (bytes, ETag) to cache or None). Thread-safe: touches no SQLite.
     With `cached`, the GET carries If-None-Match and an unchanged doc comes back without a body."""
     key = package_key(name)
-    doc = remote.get_doc(key, max_bytes=MAX_PACKAGE_BYTES, if_none_match=cached[1] if cached else None)
+    try:
+        doc = remote.get_doc(key, max_bytes=MAX_PACKAGE_BYTES, if_none_match=cached[1] if cached else None)
+    except IntegrityError as e:  # over the cap
+        raise IntegrityError(f"index document of {name}: {e}") from None
     if doc is None:
         return None, None
     where = f"index document of {name} on {remote.describe()}"
@@ -222,6 +227,8 @@ def fetch_manifest(remote: Remote, digest: str, *, expect_name: str | None = Non
         data = remote.get(manifest_key(digest), max_bytes=MAX_MANIFEST_BYTES)
     except KeyMissing:
         raise NotFound(f"manifest {digest} is not on {remote.describe()}") from None
+    except IntegrityError as e:  # over the cap
+        raise IntegrityError(f"manifest {digest} ({expect_name or '?'}@{expect_version or '?'}): {e}") from None
     return parse_manifest(data, expect_digest=digest, expect_name=expect_name, expect_version=expect_version)
 
 

@@ -15,7 +15,9 @@ AWS_ENDPOINT_URL_S3, config files); credentials from the remote's profile or the
 
 from __future__ import annotations
 
+import hashlib
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +32,9 @@ RETRY_CODES = {
     "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
     "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "BadGateway",
     "GatewayTimeout", "ConditionalRequestConflict", "OperationAborted",
+    "BadDigest", "XAmzContentChecksumMismatch",  # the body was altered in transit: send it again
 }
+_PLAIN_MD5 = re.compile(r"[0-9a-f]{32}")
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -219,11 +223,25 @@ class S3Remote(Remote):
     def _put(self, key: str, data: bytes, **cond: str) -> str:
         ctype = "application/json" if key.endswith(".json") or key.startswith("manifests/") else "application/octet-stream"
 
-        def once() -> str:
-            r = self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, ContentType=ctype, **cond)
-            return r["ETag"]
+        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
 
-        return self._call(f"PUT {key}", once)
+        def once() -> tuple[str, bool]:
+            r = self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, ContentType=ctype, **cond)
+            kms = str(r.get("ServerSideEncryption") or "").startswith("aws:kms") or bool(r.get("SSECustomerAlgorithm"))
+            return r["ETag"], not kms
+
+        for attempt in range(self.attempts):
+            etag, etag_is_md5 = self._call(f"PUT {key}", once)
+            got = etag.strip('"')
+            if not etag_is_md5 or got == md5 or not _PLAIN_MD5.fullmatch(got):
+                return etag
+            # A single-part PUT's ETag is the MD5 of the bytes the store received, so other bytes than
+            # ours arrived (altered in transit; a store that checks no checksum keeps them). Replace
+            # exactly that object, or an immutable key would hold wrong bytes forever.
+            cond = {"IfMatch": etag}
+            self.backoff(attempt)
+        raise IntegrityError(f"PUT {key} on {self.describe()}: the store received other bytes than were sent, "
+                             f"{self.attempts} times", hint="check the network path to the store (a proxy?)")
 
     def _is_precondition(self, e: Exception) -> bool:
         status, code = self._status(e)
@@ -256,13 +274,16 @@ class S3Remote(Remote):
 
     # -- admin -----------------------------------------------------------------------------------
     def list_keys(self, prefix: str, start_after: str | None = None) -> Iterator[str]:
-        paginator = self.client.get_paginator("list_objects_v2")
         kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._k(prefix)}
         if start_after:
             kw["StartAfter"] = self._k(start_after)
-        for page in paginator.paginate(**kw):
+        while True:  # page by page, each through the retry loop (a paginator would not retry)
+            page = self._call(f"LIST {prefix}", lambda: self.client.list_objects_v2(**kw))
             for obj in page.get("Contents", []):
                 yield obj["Key"][len(self.prefix):]
+            if not page.get("IsTruncated") or not page.get("NextContinuationToken"):
+                return
+            kw["ContinuationToken"] = page["NextContinuationToken"]
 
     def delete(self, key: str) -> None:
         self.check_writable()
