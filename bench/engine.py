@@ -172,7 +172,7 @@ def covariance(base, n: int):
 def parse():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on the tiny configs")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--steps", type=int, default=400, help="training steps (default recipe: 400)")
     ap.add_argument("--render-steps", type=int, default=50)
     ap.add_argument("--only", default="render,fast,compose,train,cold", help="stages to run")
@@ -217,23 +217,35 @@ def main():
     concepts = synthetic_concepts(base, cov, 16)
 
     if "render" in stages:
-        base_s, base_all = timed(lambda: pipe(prompt, num_inference_steps=args.render_steps, guidance_scale=7.5,
-                                              generator=gen(), height=size, width=size), args.repeats)
-        res["baseline_render_s"] = round(base_s, 4)
-        res["baseline_render_all_s"] = [round(t, 4) for t in base_all]
-        log("baseline", base_s)
-        res["render_s"], res["render_ratio"] = {}, {}
+        # All five concepts stay loaded; a variant's prompt uses n of them (n=0: loaded but unused).
+        # Rounds interleave the baseline and every variant so clock and thermal drift hit all alike.
+        load_concepts(pipe, concepts[:5], covariance=cov)
+        variants = {"baseline": lambda: pipe(prompt, num_inference_steps=args.render_steps, guidance_scale=7.5,
+                                             generator=gen(), height=size, width=size)}
         for n in (0, 1, 3, 5):
-            unload_concepts(pipe)
-            if n:
-                load_concepts(pipe, concepts[:n], covariance=cov)
             p = prompt if n == 0 else "a photo of " + " and ".join(f"<c{i}>" for i in range(n))
-            s, _ = timed(lambda: render(base, p, steps=args.render_steps, guidance=7.5, seed=0), args.repeats)
-            res["render_s"][str(n)] = round(s, 4)
-            res["render_ratio"][str(n)] = round(s / base_s, 4)
-            log("render", n, s, s / base_s)
-            save()
+            variants[str(n)] = (lambda p=p: render(base, p, steps=args.render_steps, guidance=7.5, seed=0))
+        times = {k: [] for k in variants}
+        for fn in variants.values():
+            fn()  # warm-up
+        for _ in range(args.repeats):
+            for k, fn in variants.items():
+                sync()
+                t = time.perf_counter()
+                fn()
+                sync()
+                times[k].append(time.perf_counter() - t)
+        base_s = statistics.median(times["baseline"])
+        res["baseline_render_s"] = round(base_s, 4)
+        res["baseline_render_all_s"] = [round(t, 4) for t in times["baseline"]]
+        res["render_s"] = {k: round(statistics.median(v), 4) for k, v in times.items() if k != "baseline"}
+        res["render_ratio"] = {k: round(statistics.median(v) / base_s, 4) for k, v in times.items() if k != "baseline"}
+        res["render_ratio_paired"] = {  # per round, variant / that round's baseline, then the median
+            k: round(statistics.median(a / b for a, b in zip(v, times["baseline"])), 4)
+            for k, v in times.items() if k != "baseline"}
+        log("render", res["render_s"], res["render_ratio"], res["render_ratio_paired"])
         unload_concepts(pipe)
+        save()
 
     if "compose" in stages:
         import io

@@ -41,15 +41,13 @@ def base_value(ctx_obj, explicit: str | None) -> str:
 
 def open_base(ctx_obj, value: str, *, device=None, dtype=None, tokenizer=None):
     """Load the base; its digest comes from the home's cache when the files are unchanged."""
-    from perfusion_hub.bases import cache_key, load_base
+    from perfusion_hub.bases import cache_key, load_base, resolve_spec
 
-    base = load_base(value, device=device, dtype=dtype, tokenizer=tokenizer, offline=ctx_obj.offline)
-    key = cache_key(base.spec)
-    cached = ctx_obj.home.get_base_digest(key)
-    if cached and base.spec.kind != "hub":
-        base._digest = cached
-        base.pipe._pfx_base_digest = cached
-    else:
+    spec = resolve_spec(value)
+    key = cache_key(spec)
+    cached = ctx_obj.home.get_base_digest(key) if spec.kind != "hub" else None
+    base = load_base(value, device=device, dtype=dtype, tokenizer=tokenizer, offline=ctx_obj.offline, digest=cached)
+    if not cached:
         ctx_obj.home.set_base_digest(key, base.name, base.digest)
     base.compatible = {d for spec in ctx_obj.home.config.get("bases", {}).values()
                        if spec.get("location") == base.spec.location for d in spec.get("compatible", [])}

@@ -200,8 +200,14 @@ def load_base(
     dtype: str | None = None,
     tokenizer: str | None = None,
     offline: bool | None = None,
+    digest: str | None = None,
 ) -> Base:
-    """Load a base as a StableDiffusionPipeline on `device` (auto by default) in `dtype` (auto by default)."""
+    """Load a base as a StableDiffusionPipeline on `device` (auto by default) in `dtype` (auto by default).
+
+    `digest`: the base's digest if already known (cached); otherwise it is computed here when the
+    weights are loaded in bf16, from an fp32 load, since bf16 values round to fp16 differently and
+    would give another digest than the same base loaded in fp32 or fp16.
+    """
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
     import transformers
@@ -217,7 +223,8 @@ def load_base(
         offline = os.environ.get("PFX_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
     dev = pick_device(device)
     torch_dtype = pick_dtype(dev, dtype)
-    common = dict(safety_checker=None, requires_safety_checker=False, **{_dtype_kwarg(): torch_dtype})
+    load_dtype = torch.float32 if torch_dtype == torch.bfloat16 and digest is None else torch_dtype
+    common = dict(safety_checker=None, requires_safety_checker=False, **{_dtype_kwarg(): load_dtype})
     try:
         if spec.kind in ("embedded", "dir"):
             pipe = StableDiffusionPipeline.from_pretrained(spec.location, local_files_only=True, **common)
@@ -235,8 +242,12 @@ def load_base(
     if not isinstance(pipe.scheduler, DDIMScheduler):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    pipe.to(dev)
-    return Base(spec, pipe, dev, torch_dtype)
+    if digest is None and load_dtype != torch_dtype:
+        digest = compute_digest(pipe)
+    pipe.to(dev, torch_dtype)
+    if digest:
+        pipe._pfx_base_digest = digest
+    return Base(spec, pipe, dev, torch_dtype, digest)
 
 
 def _dtype_kwarg() -> str:

@@ -132,6 +132,8 @@ def parse_safetensors_header(
         raise ConceptFormatError(f"header is not UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ConceptFormatError(f"header is not valid JSON: {e.msg} at position {e.pos}") from None
+    except RecursionError:  # a header of a few KB of '[' fits under the size cap
+        raise ConceptFormatError("header JSON is nested too deeply") from None
     if not isinstance(raw, dict):
         raise ConceptFormatError("header is not a JSON object")
     meta = raw.pop("__metadata__", {})

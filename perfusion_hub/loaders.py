@@ -92,8 +92,7 @@ def load_concepts(
     taken = [c.trigger for c in items if c.trigger in vocab]
     if taken:
         raise IncompatibleConcepts(f"token {taken[0]} is already in use by the tokenizer")
-    # one call for all tokens: the text encoder's embedding matrix is resized once, not once per concept
-    pipe.load_textual_inversion([c.token_embedding.clone() for c in items], token=[c.trigger for c in items])
+    add_tokens(pipe, [c.trigger for c in items], [c.token_embedding for c in items])
     for c in items:
         rt.add(ConceptState(
             name=c.name, token=c.trigger, token_id=pipe.tokenizer.convert_tokens_to_ids(c.trigger),
@@ -102,6 +101,22 @@ def load_concepts(
         ))
     rt.install()
     return [c.name for c in items]
+
+
+def add_tokens(pipe, tokens: list[str], embeddings: list[torch.Tensor]) -> list[int]:
+    """Add plain tokens (what `unload_textual_inversion` removes) and write their embedding rows.
+
+    One resize for all tokens, and no mean-resizing: the rows are overwritten at once, so sampling them
+    from the old embeddings' distribution (transformers' default, slow on a 49k-token vocabulary) is waste.
+    """
+    tok, te = pipe.tokenizer, pipe.text_encoder
+    tok.add_tokens(tokens)
+    te.resize_token_embeddings(len(tok), mean_resizing=False)
+    ids = tok.convert_tokens_to_ids(tokens)
+    weight = te.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[ids] = torch.stack([e.detach() for e in embeddings]).to(weight.device, weight.dtype)
+    return ids
 
 
 def _observe(rt: PerfusionRuntime):

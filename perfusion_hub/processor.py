@@ -33,6 +33,23 @@ def cross_attention_modules(unet) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in unet.named_modules() if isinstance(m, Attention) and m.is_cross_attention}
 
 
+_FACTORS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _factor(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """C^-1 and its Cholesky root, cached by the covariance's bytes (a runtime is rebuilt whenever all
+    concepts are unloaded; the factorisation of a 768x768 matrix need not be)."""
+    import hashlib
+
+    c = covariance.detach().cpu().double().contiguous()
+    key = hashlib.sha1(c.numpy().tobytes()).hexdigest()
+    if key not in _FACTORS:
+        if len(_FACTORS) > 8:
+            _FACTORS.pop(next(iter(_FACTORS)))
+        _FACTORS[key] = inverse_and_root(c)
+    return _FACTORS[key]
+
+
 @dataclass
 class ConceptState:
     """A concept as the runtime uses it. Tensors are fp32; value targets may be trainable Parameters."""
@@ -54,7 +71,7 @@ class PerfusionRuntime:
         self.layers = cross_attention_modules(unet)
         if not self.layers:
             raise IncompatibleConcepts("this UNet has no cross-attention modules to edit")
-        self.c_inv, self.root = inverse_and_root(covariance.cpu())
+        self.c_inv, self.root = _factor(covariance)
         self.dim = self.c_inv.shape[0]
         self.exact = exact
         self.concepts: dict[str, ConceptState] = {}

@@ -26,6 +26,7 @@ import torch
 from perfusion_hub.concept import Concept, FORMAT, FORMAT_VERSION, atomic_write_bytes, save_concept
 from perfusion_hub.covariance import Covariance
 from perfusion_hub.errors import BadInput
+from perfusion_hub.loaders import add_tokens
 from perfusion_hub.photos import load_photos
 from perfusion_hub.processor import ConceptState, PerfusionRuntime
 
@@ -209,7 +210,7 @@ def train_concept(
         i_super = enc[sup_ids == super_id].mean(0).cpu()
 
     emb_init = te.get_input_embeddings().weight[super_id].detach().float().clone()
-    pipe.load_textual_inversion(emb_init.clone(), token=trigger)
+    add_tokens(pipe, [trigger], [emb_init])
     rt = hook = None
     try:
         token_id = tok.convert_tokens_to_ids(trigger)
