@@ -79,4 +79,13 @@ def error_exit_code(exc: BaseException) -> int | None:
 
     if isinstance(exc, EngineError):
         return getattr(exc, "exit_code", EXIT_ERROR)
+    # The environment, not a bug: disk full (ENOSPC/EFBIG), an unwritable or missing folder, a path
+    # component that is a file. The message names the path and the reason.
+    if isinstance(exc, OSError):
+        return EXIT_ERROR
+    import sqlite3
+
+    if isinstance(exc, sqlite3.OperationalError) and any(
+            s in str(exc) for s in ("disk", "full", "readonly", "unable to open", "locked")):
+        return EXIT_ERROR
     return None

@@ -42,16 +42,30 @@ def test_processor_half_precision_matches_fp32(gpu_base, tiny_base, tiny_cov):
         unload_concepts(tiny_base.pipe)
 
 
-def test_render_half_precision_close_to_cpu_fp32(gpu_base, tiny_base, tiny_cov):
+def test_unet_step_with_concept_half_precision_close_to_cpu_fp32(gpu_base, tiny_base, tiny_cov):
+    """One denoising prediction with a concept active (whole images of a random-weight UNet diverge
+    chaotically over many steps under any rounding, so the comparison is per step)."""
     c = synthetic_concept(tiny_base, tiny_cov, "cat-mittens", "cat", seed=4)
-    p = "a photo of <cat-mittens> on a chair"
-    try:
-        gpu = np.asarray(render(gpu_base, p, concepts=[c], covariance=tiny_cov, steps=10).images[0], dtype=float)
-        cpu = np.asarray(render(tiny_base, p, concepts=[c], covariance=tiny_cov, steps=10).images[0], dtype=float)
-    finally:
-        unload_concepts(gpu_base.pipe)
-        unload_concepts(tiny_base.pipe)
-    assert np.abs(gpu - cpu).mean() < 6.0  # out of 255: same image up to half-precision drift
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 16, 16, generator=g)
+    t = torch.tensor([500, 100])
+    preds = []
+    for base in (gpu_base, tiny_base):
+        load_concepts(base.pipe, [c], covariance=tiny_cov)
+        try:
+            pipe = base.pipe
+            ids = pipe.tokenizer(["a photo of <cat-mittens> on a chair"] * 2, padding="max_length", max_length=77,
+                                 return_tensors="pt").input_ids.to(base.device)
+            with torch.no_grad():
+                ehs = pipe.text_encoder(ids)[0]
+                runtime_of(pipe).activate(["cat-mittens"])
+                out = pipe.unet(latents.to(base.device, base.dtype), t.to(base.device), ehs).sample
+            preds.append(out.float().cpu())
+        finally:
+            unload_concepts(base.pipe)
+    err = (preds[0] - preds[1]).norm() / preds[1].norm()
+    assert torch.isfinite(preds[0]).all()
+    assert err < (3e-2 if gpu_base.dtype == torch.bfloat16 else 5e-3), err
 
 
 def test_bf16_training_is_finite(tmp_path, tiny_cov):
