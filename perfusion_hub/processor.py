@@ -88,6 +88,7 @@ class PerfusionRuntime:
         self._kv_cache: dict[str, tuple] = {}
         self._originals: dict[str, object] = {}
         self._frozen: dict[str, tuple] = {}
+        self._cinv_device: dict[str, torch.Tensor] = {}
         self.corpus_digest = ""
         self.hook = None  # the text encoder's pre-hook that feeds observe_tokens
 
@@ -160,6 +161,10 @@ class PerfusionRuntime:
         key = (tuple(names), str(device))
         if self._basis_cache is not None and self._basis_cache[0] == key:
             return self._basis_cache[1]
+        if len(names) == 1 and torch.device(device).type != "mps":
+            b = self._single_basis(self.concepts[names[0]], device)
+            self._basis_cache = (key, b)
+            return b
         cs = [self.concepts[n] for n in names]
         targets = torch.stack([c.target_input.detach().cpu().double() for c in cs])
         beta = torch.tensor([c.beta for c in cs], dtype=torch.float64)
@@ -168,6 +173,18 @@ class PerfusionRuntime:
         b = Basis(*(t.to(device) for t in (b.U, b.A, b.G, b.beta, b.tau)))
         self._basis_cache = (key, b)
         return b
+
+    def _single_basis(self, c: ConceptState, device) -> Basis:
+        """One concept: P e = s(e) i*, so U = i* and A = G = C^-1 i* / E (the exact projector for N = 1),
+        computed in fp64 where i* lives (no host round trip while training moves i* every step)."""
+        c_inv = self._cinv_device.get(str(device))
+        if c_inv is None:
+            c_inv = self._cinv_device.setdefault(str(device), self.c_inv.to(device))
+        i = c.target_input.detach().to(device, torch.float64)
+        ci = c_inv @ i
+        g = (ci / (i @ ci)).float()[:, None]
+        f32 = dict(device=device, dtype=torch.float32)
+        return Basis(i.float()[:, None], g, g, torch.tensor([c.beta], **f32), torch.tensor([c.tau], **f32))
 
     def layer_terms(self, path: str, attn, names: list[str], basis: Basis):
         """(W_K U, W_V U, O_K, O_V) for one layer, fp32. O_V stays differentiable during training."""

@@ -194,7 +194,6 @@ def train_concept(
     for m in (unet, vae, te):
         m.requires_grad_(False)
         m.eval()
-    gen = torch.Generator().manual_seed(cfg.seed)
     micro = cfg.micro_batch or (16 if device.type == "cuda" or base.resolution <= 128 else 4)
     micro = max(1, min(micro, cfg.batch_size))
     accum = math.ceil(cfg.batch_size / micro)
@@ -203,11 +202,11 @@ def train_concept(
     n_lat = mean.shape[0]
 
     # i_super: the superclass word's contextual encoding, averaged over the first batch's prompts.
-    first_templates = torch.randint(len(cfg.templates), (cfg.batch_size,), generator=torch.Generator().manual_seed(cfg.seed))
+    plan = _plan(cfg, n_lat, sched.config.num_train_timesteps)
     with torch.no_grad():
-        sup_ids = _tokenize(tok, [cfg.templates[i].format(superclass) for i in first_templates.tolist()], device)
+        sup_ids = _tokenize(tok, [cfg.templates[i].format(superclass) for i in plan["template"][0].tolist()], device)
         enc = te(sup_ids)[0].float()
-        i_super = enc[sup_ids == super_id].mean(0).cpu()
+        i_super = enc[sup_ids == super_id].mean(0)
 
     emb_init = te.get_input_embeddings().weight[super_id].detach().float().clone()
     add_tokens(pipe, [trigger], [emb_init])
@@ -215,12 +214,16 @@ def train_concept(
     try:
         token_id = tok.convert_tokens_to_ids(trigger)
         template_ids = _tokenize(tok, [t.format(trigger) for t in cfg.templates], device)
+        positions = (template_ids == token_id).float().argmax(1)  # where the concept token sits, per template
+        rows = torch.arange(len(cfg.templates), device=device)
+        idx_plan, tpl_plan, ts_plan = (plan[k].to(device) for k in ("image", "template", "timestep"))
 
         rt = PerfusionRuntime(unet, covariance.matrix)
         layers = rt.layers
-        values = {p: torch.nn.Parameter((a.to_v.weight.detach().float() @ i_super.to(device))) for p, a in layers.items()}
+        values = {p: torch.nn.Parameter(a.to_v.weight.detach().float() @ i_super) for p, a in layers.items()}
         embedding = torch.nn.Parameter(emb_init.to(device))
-        state = ConceptState(name, trigger, token_id, i_super.clone(), i_super.clone(), values, cfg.train_beta, cfg.train_tau)
+        state = ConceptState(name, trigger, token_id, i_super.clone(), i_super.clone(), values, cfg.train_beta,
+                             cfg.train_tau)
         rt.add(state)
         rt.training = True
         rt.install()
@@ -228,54 +231,69 @@ def train_concept(
         hook = _EmbeddingOverride(te.get_input_embeddings(), token_id, embedding)
         opt = torch.optim.AdamW(
             [{"params": list(values.values()), "lr": cfg.lr_values}, {"params": [embedding], "lr": cfg.lr_embedding}],
-            weight_decay=cfg.weight_decay,
+            weight_decay=cfg.weight_decay, fused=device.type == "cuda",
         )
+        gen = torch.Generator(device).manual_seed(cfg.seed)  # noise, drawn where it is used
         step, losses = 0, []
         ckpt_meta = _checkpoint_meta(name, superclass, photos, cfg, base_digest)
         ckpt = Path(checkpoint_path) if checkpoint_path else None
         if resume and ckpt and ckpt.exists():
             step, losses = _load_checkpoint(ckpt, ckpt_meta, values, embedding, state, opt, gen)
-        unet_fn = _fast_unet(unet) if fast else unet
+        unet_fn = unet
+        if fast:
+            if device.type == "cuda":
+                unet.to(memory_format=torch.channels_last)
+            unet_fn = _fast_unet(unet)
+        # Reading a loss back waits for the GPU; on CUDA do it every few steps so the host keeps queueing.
+        report_every = 10 if device.type == "cuda" else 1
+        pending: list[torch.Tensor] = []
+
+        def flush():
+            for value in torch.stack(pending).tolist() if pending else []:
+                losses.append(value)
+                if progress:
+                    progress(len(losses), cfg.steps, value)
+            pending.clear()
 
         while step < cfg.steps:
             opt.zero_grad(set_to_none=True)
-            concept_enc = torch.zeros(te.config.hidden_size, dtype=torch.float64, device=device)
-            n_enc, total = 0, 0.0
+            concept_enc = torch.zeros(te.config.hidden_size, dtype=torch.float32, device=device)
+            step_loss = torch.zeros((), device=device)
             for k in range(accum):
-                b = min(micro, cfg.batch_size - k * micro)
-                idx = torch.randint(n_lat, (b,), generator=gen)
-                t_idx = torch.randint(len(cfg.templates), (b,), generator=gen)
-                noise = torch.randn((b, *mean.shape[1:]), generator=gen)
-                eps = torch.randn((b, *mean.shape[1:]), generator=gen)
-                timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen)
-                uniq, inverse = torch.unique(t_idx, return_inverse=True)
-                ids_u = template_ids[uniq.to(device)]
-                enc_u = te(ids_u)[0]
-                ehs = enc_u[inverse.to(device)]
+                sl = slice(k * micro, min((k + 1) * micro, cfg.batch_size))
+                b = sl.stop - sl.start
+                idx, tpl, timesteps = idx_plan[step, sl], tpl_plan[step, sl], ts_plan[step, sl]
+                enc_all = te(template_ids)[0]  # every template once: static shapes, no host round trip
+                ehs = enc_all[tpl]
                 with torch.no_grad():
-                    concept_enc += enc_u.detach().double()[ids_u == token_id][inverse.to(device)].sum(0)
-                    n_enc += b
+                    at_token = enc_all.detach().float()[rows, positions]  # [templates, D]
+                    concept_enc += at_token[tpl].sum(0)
                 rt.freeze_terms([name], device)
-                latents = mean[idx.to(device)] + std[idx.to(device)] * eps.to(device)
-                noisy = sched.add_noise(latents, noise.to(device), timesteps.to(device))
-                pred = unet_fn(noisy.to(dtype), timesteps.to(device), ehs.to(dtype)).sample.float()
-                err = (pred - noise.to(device)) ** 2
+                noise = torch.randn((b, *mean.shape[1:]), generator=gen, device=device)
+                eps = torch.randn((b, *mean.shape[1:]), generator=gen, device=device)
+                latents = mean[idx] + std[idx] * eps
+                noisy = sched.add_noise(latents, noise, timesteps).to(dtype)
+                if fast and device.type == "cuda":
+                    noisy = noisy.contiguous(memory_format=torch.channels_last)
+                pred = unet_fn(noisy, timesteps, ehs.to(dtype)).sample.float()
+                err = (pred - noise) ** 2
                 if masks is not None:
-                    m = masks[idx.to(device)]
+                    m = masks[idx]
                     loss = ((err * m).sum((1, 2, 3)) / (m.sum((1, 2, 3)) * err.shape[1]).clamp_min(1e-6)).mean()
                 else:
                     loss = err.mean()
                 (loss * (b / cfg.batch_size)).backward()
-                total += loss.item() * b
+                step_loss += loss.detach() * (b / cfg.batch_size)
             opt.step()
             with torch.no_grad():
-                state.target_input = cfg.ema * state.target_input + (1 - cfg.ema) * (concept_enc / n_enc).float().cpu()
+                state.target_input = cfg.ema * state.target_input + (1 - cfg.ema) * concept_enc / cfg.batch_size
             rt.touch()
             step += 1
-            losses.append(total / cfg.batch_size)
-            if progress:
-                progress(step, cfg.steps, losses[-1])
+            pending.append(step_loss)
+            if len(pending) >= report_every or step == cfg.steps:
+                flush()
             if ckpt and (step % cfg.checkpoint_every == 0) and step < cfg.steps:
+                flush()
                 _save_checkpoint(ckpt, ckpt_meta, step, losses, values, embedding, state, opt, gen)
     finally:
         if hook is not None:
@@ -289,7 +307,7 @@ def train_concept(
                                    description, step, losses),
         token_embedding=embedding.detach().float().cpu(),
         target_input=state.target_input.detach().float().cpu(),
-        superclass_input=i_super.float(),
+        superclass_input=i_super.float().cpu(),
         value_targets={p: v.detach().float().cpu() for p, v in values.items()},
     )
     out = save_concept(concept, out_path)
@@ -302,6 +320,18 @@ def train_concept(
         previews = render_previews(base, concept, covariance, out.with_suffix(""), count=cfg.previews,
                                    steps=cfg.preview_steps, seed=cfg.seed)
     return TrainResult(concept, out, previews, losses, time.perf_counter() - t0, warnings_seen)
+
+
+def _plan(cfg: TrainConfig, n_images: int, n_timesteps: int) -> dict[str, torch.Tensor]:
+    """Which latent (photo or mirror), template and timestep every sample of every step uses, drawn
+    from the seed up front ([steps, batch] each): a resumed run reads the same plan."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    shape = (cfg.steps, cfg.batch_size)
+    return {
+        "template": torch.randint(len(cfg.templates), shape, generator=g),
+        "image": torch.randint(n_images, shape, generator=g),
+        "timestep": torch.randint(0, n_timesteps, shape, generator=g),
+    }
 
 
 def _fast_unet(unet):
@@ -369,7 +399,7 @@ def _load_checkpoint(path: Path, meta, values, embedding, state, opt, gen):
         for p, v in values.items():
             v.copy_(tensors[f"value.{p}"])
         embedding.copy_(tensors["embedding"])
-    state.target_input = tensors["target_input"].float()
+    state.target_input = tensors["target_input"].float().to(embedding.device)
     gen.set_state(tensors["generator"])
     params = list(values.values()) + [embedding]
     for i, p in enumerate(params):
