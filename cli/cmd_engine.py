@@ -217,9 +217,14 @@ def train(obj, photos, name, superclass, version_, base, steps, batch_size, micr
                       previews=previews)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=work) as tmp, progress(steps, "train") as bar:
+        touched = [time.time()]
+
         def on_step(step, total, loss):
             bar.update(1)
             bar.set_postfix(f"loss {loss:.4f}")
+            if time.time() - touched[0] > 60:  # keep a long run's folder young: `pfx gc` takes stale ones
+                os.utime(tmp)
+                touched[0] = time.time()
 
         result = train_concept(
             b, photos, name=name, superclass=superclass, covariance=cov, version=version_,

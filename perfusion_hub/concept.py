@@ -190,6 +190,8 @@ def _check_concept_structure(meta: dict[str, str], tensors: dict[str, TensorInfo
         json.loads(meta["training"])
     except json.JSONDecodeError:
         raise ConceptFormatError("metadata 'training' is not JSON") from None
+    except RecursionError:
+        raise ConceptFormatError("metadata 'training' JSON is nested too deeply") from None
     for k in VECTOR_KEYS:
         if k not in tensors:
             raise ConceptFormatError(f"tensor {k!r} is missing")

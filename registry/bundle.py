@@ -298,6 +298,8 @@ def _parse_index(data: bytes) -> list[dict]:
         raw = json.loads(data.decode("utf-8"), object_pairs_hook=no_dup)
     except (UnicodeDecodeError, ValueError) as e:
         raise IntegrityError(f"{BUNDLE_INDEX}: not valid JSON ({e})") from None
+    except RecursionError:  # a few KB of '[' fit under the size cap
+        raise IntegrityError(f"{BUNDLE_INDEX}: JSON nested too deeply; refused") from None
     if not isinstance(raw, dict) or raw.get("schema") != BUNDLE_SCHEMA or not isinstance(raw.get("concepts"), list):
         raise IntegrityError(f"{BUNDLE_INDEX}: not a {BUNDLE_SCHEMA} document")
     out = []

@@ -43,6 +43,13 @@ class PfxError(Exception):
         return f"{msg}\n  hint: {self.hint}" if self.hint else msg
 
 
+class LocalWriteError(PfxError):
+    """The local disk refused a write (full, file-size limit, read-only, permissions): not retried,
+    and not the remote's fault."""
+
+    exit_code = EXIT_ERROR
+
+
 class UsageError(PfxError):
     exit_code = EXIT_USAGE
 

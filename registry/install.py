@@ -33,6 +33,7 @@ from typing import Any
 
 from registry.errors import (
     IntegrityError,
+    LocalWriteError,
     NotFound,
     OfflineError,
     PfxError,
@@ -130,6 +131,35 @@ def _resolve_one(w: _Want, remotes: list[Remote], cached: dict, trust: Trust | N
             w.errors.append(e)
 
 
+class _RemoteBody:
+    """A remote's blob body that remembers the exception it raised, so that a read error (the
+    remote's) is told apart from an error of the store's own writes (the local disk's)."""
+
+    def __init__(self, chunks: Iterable[bytes]):
+        self.chunks, self.it, self.error = chunks, None, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            if self.it is None:
+                self.it = iter(self.chunks)
+            return next(self.it)
+        except StopIteration:
+            raise
+        except BaseException as e:
+            self.error = e
+            raise
+
+
+def _local_write_error(home: Any, what: str, e: OSError) -> LocalWriteError:
+    path = e.filename or home.store.tmp_dir  # a failed write() names no file: its temp file was in tmp/
+    return LocalWriteError(f"could not write {what} to the local store: {path}: {e.strerror or e}",
+                           hint="free disk space or fix the permissions of the home folder, then rerun; "
+                                "nothing was recorded")
+
+
 class _Downloader:
     """Fetch blobs with bounded parallelism; verify while streaming; retry with full jitter."""
 
@@ -148,9 +178,11 @@ class _Downloader:
         errors: list[str] = []
         for remote in remotes:
             for attempt in range(self.attempts):
+                body = None
                 try:
                     _, chunks = remote.open_blob(blob_key(digest))
-                    self.home.store.put_stream(chunks, expect_digest=digest, expect_size=size)
+                    body = _RemoteBody(chunks)
+                    self.home.store.put_stream(body, expect_digest=digest, expect_size=size)
                     with self.lock:
                         self.done += size
                         if self.progress:
@@ -160,7 +192,9 @@ class _Downloader:
                     errors.append(f"not on {remote.name}")
                     break
                 except Exception as e:  # noqa: BLE001 - classified
-                    errors.append(f"{remote.name}: {str(e).splitlines()[0]}")
+                    if body is not None and isinstance(e, OSError) and e is not body.error:
+                        raise _local_write_error(self.home, f"blob {digest}", e) from None  # no retry
+                    errors.append(f"{remote.name}: {(str(e).splitlines() or [type(e).__name__])[0]}")
                     if not self._transient(remote, e) or attempt == self.attempts - 1:
                         break
                     time.sleep(random.uniform(0, min(2.0, 0.05 * 2**attempt)))
@@ -172,7 +206,10 @@ class _Downloader:
     def store_manifest(self, m: Manifest) -> None:
         """Write a (verified) manifest into the store from a worker thread; record re-checks it."""
         if not self.home.store.has(m.digest):
-            self.home.store.put_bytes(m.data, expect_digest=m.digest)
+            try:
+                self.home.store.put_bytes(m.data, expect_digest=m.digest)
+            except OSError as e:
+                raise _local_write_error(self.home, f"manifest {m.digest}", e) from None
 
 
 def _record(home: Any, ws: list[_Want]) -> None:

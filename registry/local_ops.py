@@ -13,9 +13,11 @@ installed always has its blobs at the moment it is recorded and forever after (g
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from registry.errors import IntegrityError, NotFound
 from registry.home import PENDING_TTL_S, Home
@@ -148,11 +150,47 @@ def gc(home: Home, *, grace_s: float = GC_GRACE_S, dry_run: bool = False,
                     path.unlink()
                 except (FileNotFoundError, IsADirectoryError):
                     pass
+    work_tmp = _stale_work_tmp(home, now - max(grace_s, TMP_MAX_AGE_S))
     if not dry_run:
+        for path in work_tmp:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         with home.index.write() as c:
             c.execute("DELETE FROM pending WHERE created <= ?", (now - pending_ttl,))
     return {"dry_run": dry_run, "removed": len(removed), "bytes_freed": sum(r["size"] for r in removed),
-            "kept_recent": recent, "tmp_removed": tmp_removed, "digests": removed}
+            "kept_recent": recent, "tmp_removed": tmp_removed, "digests": removed,
+            "work_tmp_removed": [str(p) for p in work_tmp]}
+
+
+def _stale_work_tmp(home: Home, cutoff: float) -> list[Path]:
+    """What a killed `pfx train` left in `work/`, untouched since `cutoff`: its temp folder (`tmp*`)
+    and a half-written checkpoint's temp file (`.<run>.ckpt.*.tmp`).
+
+    A folder's age is its newest mtime, itself or anything in it (a live run also touches its
+    folder as it trains). Checkpoints (`work/*.ckpt`) are never candidates: `--resume` uses them."""
+    work = home.root / "work"
+    try:
+        entries = list(os.scandir(work))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for entry in entries:
+        name = entry.name
+        if not ((name.startswith("tmp") and entry.is_dir(follow_symlinks=False))
+                or (name.startswith(".") and name.endswith(".tmp") and entry.is_file(follow_symlinks=False))):
+            continue
+        try:
+            newest = entry.stat(follow_symlinks=False).st_mtime
+            for top, dirs, files in os.walk(entry.path):
+                for n in dirs + files:
+                    newest = max(newest, os.lstat(os.path.join(top, n)).st_mtime)
+        except FileNotFoundError:  # a live run removing its own folder
+            continue
+        if newest < cutoff:
+            out.append(Path(entry.path))
+    return sorted(out)
 
 
 def du(home: Home) -> dict:

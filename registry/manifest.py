@@ -132,7 +132,7 @@ def build_manifest(
     meta = header.metadata
     try:
         training = json.loads(meta["training"])
-    except (KeyError, json.JSONDecodeError):
+    except (KeyError, json.JSONDecodeError, RecursionError):
         raise IntegrityError(f"{meta.get('name')}@{meta.get('version')}: training metadata is not JSON") from None
     companions = []
     if covariance is not None:
@@ -307,8 +307,14 @@ def parse_manifest(
         raw = json.loads(data.decode("utf-8"), object_pairs_hook=_no_dup, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise IntegrityError(f"{where}: not valid JSON ({e})") from None
+    except RecursionError:  # a few KB of '[' fit under the size cap
+        raise IntegrityError(f"{where}: JSON nested too deeply; refused") from None
     _check(raw, where)
-    if canonical_json(raw) != data:
+    try:
+        canonical = canonical_json(raw)
+    except RecursionError:  # parsed just under the limit, one frame deeper to re-encode
+        raise IntegrityError(f"{where}: JSON nested too deeply; refused") from None
+    if canonical != data:
         raise IntegrityError(f"{where}: not in canonical form (sorted keys, no whitespace)")
     if expect_name is not None and raw["name"] != expect_name:
         raise IntegrityError(f"{where}: names {raw['name']!r}, expected {expect_name!r}")

@@ -54,6 +54,8 @@ def strict_json(data: bytes, where: str, cap: int) -> Any:
         return json.loads(bytes(data).decode("utf-8"), object_pairs_hook=no_dup, parse_constant=no_const)
     except (UnicodeDecodeError, ValueError) as e:
         raise IntegrityError(f"{where}: not valid JSON ({e})") from None
+    except RecursionError:  # a few KB of '[' fit under any size cap
+        raise IntegrityError(f"{where}: JSON nested too deeply; refused") from None
 
 
 def _fail(where: str, msg: str) -> None:
