@@ -11,6 +11,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 
@@ -204,8 +205,6 @@ def train(obj, photos, name, superclass, version_, base, steps, batch_size, micr
     version_ = version_ or home.next_version(name)
     if home.find_installed(_exact(name, version_)):
         raise UsageError(f"{name}@{version_} already exists; pass --version with a new version")
-    if devices > 1:
-        raise UsageError("--devices > 1 needs torch.distributed; run `torchrun --nproc-per-node N -m cli.main train ...`")
     from perfusion_hub.train import TrainConfig, train_concept
 
     b = open_base(obj, base_value(obj, base), device=device, dtype=dtype, tokenizer=tokenizer)
@@ -217,21 +216,29 @@ def train(obj, photos, name, superclass, version_, base, steps, batch_size, micr
                       previews=previews)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=work) as tmp, progress(steps, "train") as bar:
-        touched = [time.time()]
-
         def on_step(step, total, loss):
             bar.update(1)
             bar.set_postfix(f"loss {loss:.4f}")
-            if time.time() - touched[0] > 60:  # keep a long run's folder young: `pfx gc` takes stale ones
+            if step % 200 == 0:  # a live run's temp folder stays young, so `pfx gc` leaves it alone
                 os.utime(tmp)
-                touched[0] = time.time()
 
-        result = train_concept(
-            b, photos, name=name, superclass=superclass, covariance=cov, version=version_,
-            out_path=Path(tmp) / "concept.safetensors", config=cfg, checkpoint_path=work / f"{run_id}.ckpt",
-            resume=resume, progress=on_step, warn=lambda m: click.echo(f"warning: {m}", err=True),
-            license=license_, description=description, fast=fast,
-        )
+        kwargs = dict(name=name, superclass=superclass, version=version_, out_path=Path(tmp) / "concept.safetensors",
+                      config=cfg, checkpoint_path=work / f"{run_id}.ckpt", resume=resume, license=license_,
+                      description=description, fast=fast)
+        if devices > 1:
+            from perfusion_hub.distributed import train_data_parallel
+
+            click.echo(f"training data-parallel on {devices} {'GPUs' if b.device.startswith('cuda') else 'CPU processes'}"
+                       " (no progress bar)", err=True)
+            summary = train_data_parallel(
+                devices, base_value(obj, base), covariance=cov, photos_dir=str(photos),
+                load_kwargs={"device": "cuda" if b.device.startswith("cuda") else "cpu", "dtype": dtype,
+                             "tokenizer": tokenizer, "offline": obj.offline, "digest": b.digest}, **kwargs)
+            result = SimpleNamespace(path=Path(summary["path"]), previews=[Path(p) for p in summary["previews"]],
+                                     losses=summary["losses"], warnings=summary["warnings"])
+        else:
+            result = train_concept(b, photos, covariance=cov, progress=on_step,
+                                   warn=lambda m: click.echo(f"warning: {m}", err=True), **kwargs)
         manifest = home.add_concept_file(
             result.path, previews=result.previews, description=description, license=license_,
             covariance={"digest": cov.digest, "size": len(cov.to_bytes()), "base_digest": b.digest,

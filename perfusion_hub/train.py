@@ -14,7 +14,6 @@ deterministic on CPU and a resumed run continues exactly where the checkpoint le
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -196,7 +195,6 @@ def train_concept(
         m.eval()
     micro = cfg.micro_batch or (16 if device.type == "cuda" or base.resolution <= 128 else 4)
     micro = max(1, min(micro, cfg.batch_size))
-    accum = math.ceil(cfg.batch_size / micro)
 
     mean, std, masks = _encode_latents(vae, photos, cfg.flip, device, dtype)
     n_lat = mean.shape[0]
@@ -255,12 +253,20 @@ def train_concept(
                     progress(len(losses), cfg.steps, value)
             pending.clear()
 
+        world, rank = _world()
+        if cfg.batch_size % world:
+            raise BadInput(f"batch size {cfg.batch_size} does not split evenly over {world} devices")
+        share = cfg.batch_size // world  # this process's samples of every step: [rank*share, (rank+1)*share)
+        params = list(values.values()) + [embedding]
         while step < cfg.steps:
             opt.zero_grad(set_to_none=True)
             concept_enc = torch.zeros(te.config.hidden_size, dtype=torch.float32, device=device)
             step_loss = torch.zeros((), device=device)
-            for k in range(accum):
-                sl = slice(k * micro, min((k + 1) * micro, cfg.batch_size))
+            # the whole batch's noise on every process (same generator), so N processes = one process
+            noise_all = torch.randn((cfg.batch_size, *mean.shape[1:]), generator=gen, device=device)
+            eps_all = torch.randn((cfg.batch_size, *mean.shape[1:]), generator=gen, device=device)
+            for start in range(rank * share, (rank + 1) * share, micro):
+                sl = slice(start, min(start + micro, (rank + 1) * share))
                 b = sl.stop - sl.start
                 idx, tpl, timesteps = idx_plan[step, sl], tpl_plan[step, sl], ts_plan[step, sl]
                 enc_all = te(template_ids)[0]  # every template once: static shapes, no host round trip
@@ -269,8 +275,7 @@ def train_concept(
                     at_token = enc_all.detach().float()[rows, positions]  # [templates, D]
                     concept_enc += at_token[tpl].sum(0)
                 rt.freeze_terms([name], device)
-                noise = torch.randn((b, *mean.shape[1:]), generator=gen, device=device)
-                eps = torch.randn((b, *mean.shape[1:]), generator=gen, device=device)
+                noise, eps = noise_all[sl], eps_all[sl]
                 latents = mean[idx] + std[idx] * eps
                 noisy = sched.add_noise(latents, noise, timesteps).to(dtype)
                 if fast and device.type == "cuda":
@@ -284,6 +289,8 @@ def train_concept(
                     loss = err.mean()
                 (loss * (b / cfg.batch_size)).backward()
                 step_loss += loss.detach() * (b / cfg.batch_size)
+            if world > 1:
+                _all_reduce_sum([p.grad for p in params] + [concept_enc, step_loss])
             opt.step()
             with torch.no_grad():
                 state.target_input = cfg.ema * state.target_input + (1 - cfg.ema) * concept_enc / cfg.batch_size
@@ -292,7 +299,7 @@ def train_concept(
             pending.append(step_loss)
             if len(pending) >= report_every or step == cfg.steps:
                 flush()
-            if ckpt and (step % cfg.checkpoint_every == 0) and step < cfg.steps:
+            if ckpt and (step % cfg.checkpoint_every == 0) and step < cfg.steps and rank == 0:
                 flush()
                 _save_checkpoint(ckpt, ckpt_meta, step, losses, values, embedding, state, opt, gen)
     finally:
@@ -310,7 +317,10 @@ def train_concept(
         superclass_input=i_super.float().cpu(),
         value_targets={p: v.detach().float().cpu() for p, v in values.items()},
     )
-    out = save_concept(concept, out_path)
+    out = Path(out_path)
+    if _world()[1] != 0:  # data-parallel: every process holds the same concept; the first one writes
+        return TrainResult(concept, out, [], losses, time.perf_counter() - t0, warnings_seen)
+    save_concept(concept, out)
     if ckpt and ckpt.exists():
         ckpt.unlink()
     previews = []
@@ -320,6 +330,27 @@ def train_concept(
         previews = render_previews(base, concept, covariance, out.with_suffix(""), count=cfg.previews,
                                    steps=cfg.preview_steps, seed=cfg.seed)
     return TrainResult(concept, out, previews, losses, time.perf_counter() - t0, warnings_seen)
+
+
+def _world() -> tuple[int, int]:
+    """(processes, this process's rank) when torch.distributed is running, else (1, 0)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
+    """Sum gradients and statistics over the processes in one flat all-reduce."""
+    import torch.distributed as dist
+
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    pos = 0
+    for t in tensors:
+        t.copy_(flat[pos : pos + t.numel()].view_as(t))
+        pos += t.numel()
 
 
 def _plan(cfg: TrainConfig, n_images: int, n_timesteps: int) -> dict[str, torch.Tensor]:

@@ -133,3 +133,21 @@ def test_fast_path_matches_plain_path_for_one_step(clean_base, tiny_cov, tmp_pat
     assert fast.losses == pytest.approx(plain.losses, rel=1e-4)
     for k, t in plain.concept.tensors().items():
         torch.testing.assert_close(fast.concept.tensors()[k], t, rtol=1e-4, atol=1e-5)
+
+
+def test_two_process_data_parallel_equals_one_process(tiny_base, tiny_cov, tmp_path):
+    """`pfx train --devices 2` on CPU (gloo): the same concept as one process, up to summation order."""
+    from perfusion_hub.concept import load_concept
+    from perfusion_hub.distributed import train_data_parallel
+
+    photos = photo_folder(tmp_path / "photos")
+    cfg = TrainConfig(steps=3, batch_size=4, previews=0)
+    single = train_concept(tiny_base, photos, name="cat-mittens", superclass="cat", covariance=tiny_cov,
+                           out_path=tmp_path / "one.safetensors", config=cfg)
+    summary = train_data_parallel(2, "tiny", covariance=tiny_cov, load_kwargs={"device": "cpu", "dtype": "fp32"},
+                                  photos_dir=str(photos), name="cat-mittens", superclass="cat",
+                                  out_path=str(tmp_path / "two.safetensors"), config=cfg)
+    two = load_concept(summary["path"])
+    assert summary["losses"] == pytest.approx(single.losses, rel=1e-5)
+    for k, t in single.concept.tensors().items():
+        torch.testing.assert_close(two.tensors()[k], t, rtol=1e-3, atol=1e-4)  # Adam magnifies summation order
