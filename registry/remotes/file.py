@@ -56,6 +56,7 @@ class FileRemote(Remote):
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # a registry on a shared disk is read by other users (mkstemp makes 0600)
             try:
                 os.link(tmp, target)
             except FileExistsError:
