@@ -222,9 +222,10 @@ def train(obj, photos, name, superclass, version_, base, steps, batch_size, micr
             if step % 200 == 0:  # a live run's temp folder stays young, so `pfx gc` leaves it alone
                 os.utime(tmp)
 
-        kwargs = dict(name=name, superclass=superclass, version=version_, out_path=Path(tmp) / "concept.safetensors",
-                      config=cfg, checkpoint_path=work / f"{run_id}.ckpt", resume=resume, license=license_,
-                      description=description, fast=fast)
+        kwargs = {"name": name, "superclass": superclass, "version": version_,
+                  "out_path": Path(tmp) / "concept.safetensors", "config": cfg,
+                  "checkpoint_path": work / f"{run_id}.ckpt", "resume": resume, "license": license_,
+                  "description": description, "fast": fast}
         if devices > 1:
             from perfusion_hub.distributed import train_data_parallel
 
@@ -300,8 +301,8 @@ def render(obj, prompt, with_names, base, seed, steps, guidance, beta, tau, glob
     b = open_base(obj, value, device=device, dtype=dtype, tokenizer=tokenizer)
     concepts, cov = _concepts_for(obj, b, pairs)
     steps = steps or (25 if resolve_spec(value).kind == "embedded" else 50)
-    kw = dict(concepts=concepts, covariance=cov, with_names=list(with_names), seed=seed, steps=steps,
-              guidance=guidance, global_lock=global_lock, negative_prompt=negative)
+    kw = {"concepts": concepts, "covariance": cov, "with_names": list(with_names), "seed": seed, "steps": steps,
+          "guidance": guidance, "global_lock": global_lock, "negative_prompt": negative}
     t0 = time.perf_counter()
     if sweep:
         if taus:

@@ -138,7 +138,8 @@ def gc_cmd(ctx: click.Context, dry_run: bool, grace: float | None, as_json: bool
     emit(report, as_json, lambda r: click.echo(
         f"{verb} {r['removed']} blob(s), {_size(r['bytes_freed'])}"
         + (f"; kept {r['kept_recent']} recent unreferenced blob(s)" if r["kept_recent"] else "")
-        + (f"; {r['tmp_removed']} stale temp file(s)" if r["tmp_removed"] else "")))
+        + (f"; {r['tmp_removed']} stale temp file(s)" if r["tmp_removed"] else "")
+        + (f"; {len(r['work_tmp_removed'])} stale training temp item(s)" if r["work_tmp_removed"] else "")))
 
 
 @click.command("du")

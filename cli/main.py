@@ -52,7 +52,7 @@ class PfxGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             from cli.output import error_exit_code
 
             code = error_exit_code(e)

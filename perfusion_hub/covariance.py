@@ -8,9 +8,9 @@ sha256 guards integrity. Concepts reference it by those digests and never embed 
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -48,7 +48,7 @@ class Covariance:
             "base_digest": self.base_digest,
             "corpus_digest": self.corpus_digest,
             "count": str(self.count),
-            "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+            "created": datetime.now(UTC).replace(microsecond=0).isoformat(),
             "pfx_version": __version__,
         }
         self._bytes = save({"covariance": self.matrix.detach().cpu().float().contiguous()}, metadata=meta)

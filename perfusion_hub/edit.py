@@ -82,7 +82,7 @@ def make_basis(
         _check_independent(r=r)
         u = torch.linalg.solve_triangular(root.T, q, upper=True)  # L^-T Q
         a = c_inv @ u
-    to = dict(dtype=dtype)
+    to = {"dtype": dtype}
     return Basis(u.to(**to), a.to(**to), gate.to(**to), beta.to(**to).reshape(n), tau.to(**to).reshape(n))
 
 

@@ -13,7 +13,7 @@ covariance (same caption corpus) before anything in the pipeline changes.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -100,7 +100,7 @@ class PerfusionRuntime:
             )
         missing = set(self.layers) - set(state.value_targets)
         if missing:
-            raise IncompatibleConcepts(f"{state.name} lacks value targets for {sorted(missing)[0]}")
+            raise IncompatibleConcepts(f"{state.name} lacks value targets for {min(missing)}")
         self.concepts[state.name] = state
         self.touch()
 
@@ -183,7 +183,7 @@ class PerfusionRuntime:
         i = c.target_input.detach().to(device, torch.float64)
         ci = c_inv @ i
         g = (ci / (i @ ci)).float()[:, None]
-        f32 = dict(device=device, dtype=torch.float32)
+        f32 = {"device": device, "dtype": torch.float32}
         return Basis(i.float()[:, None], g, g, torch.tensor([c.beta], **f32), torch.tensor([c.tau], **f32))
 
     def layer_terms(self, path: str, attn, names: list[str], basis: Basis):

@@ -87,8 +87,8 @@ def render(
         raise BadInput(f"--beta/--tau for {', '.join(unknown)}, which the prompt does not use")
     size = size or base.resolution
     gen = torch.Generator("cpu").manual_seed(seed)
-    common = dict(num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, generator=gen,
-                  num_images_per_prompt=count, output_type="pil")
+    common = {"num_inference_steps": steps, "guidance_scale": guidance, "height": size, "width": size,
+              "generator": gen, "num_images_per_prompt": count, "output_type": "pil"}
     gates = {}
     if rt is not None:
         for name in parsed.concepts:

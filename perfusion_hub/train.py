@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from perfusion_hub.concept import Concept, FORMAT, FORMAT_VERSION, atomic_write_bytes, save_concept
+from perfusion_hub.concept import FORMAT, FORMAT_VERSION, Concept, atomic_write_bytes, save_concept
 from perfusion_hub.covariance import Covariance
 from perfusion_hub.errors import BadInput
 from perfusion_hub.loaders import add_tokens
@@ -393,7 +393,7 @@ def _concept_metadata(name, version, superclass, trigger, base, cov, cfg, photos
         "superclass": superclass, "trigger": trigger, "base_name": base.name, "base_digest": base.digest,
         "covariance_digest": cov.digest, "corpus_digest": cov.corpus_digest,
         "beta": repr(cfg.beta), "tau": repr(cfg.tau), "key_lock": "local", "training": json.dumps(training, sort_keys=True),
-        "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(), "license": license,
+        "created": datetime.now(UTC).replace(microsecond=0).isoformat(), "license": license,
         "description": description, "pfx_version": __version__,
     }
 
@@ -425,7 +425,7 @@ def _load_checkpoint(path: Path, meta, values, embedding, state, opt, gen):
         if {k: body.get(k) for k in meta} != meta:
             raise BadInput(f"checkpoint {path} belongs to another run (name, photos or settings differ); "
                            "delete it or train without --resume")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     with torch.no_grad():
         for p, v in values.items():
             v.copy_(tensors[f"value.{p}"])

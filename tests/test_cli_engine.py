@@ -34,7 +34,7 @@ def run(*args, code=0):
 def pfx_main(*args, env=None):
     """The installed entry point in a subprocess: exit codes and messages exactly as a user sees them."""
     return subprocess.run([sys.executable, "-c", "from cli.main import main; main()", *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=300)
+                          text=True, env={**os.environ, **(env or {})}, timeout=300, check=False)
 
 
 def test_train_render_and_versions(home, tmp_path):

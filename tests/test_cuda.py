@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from perfusion_hub.bases import load_base
-from perfusion_hub.covariance import packaged_covariance
 from perfusion_hub.loaders import load_concepts, runtime_of, unload_concepts
 from perfusion_hub.render import render
 from perfusion_hub.train import TrainConfig, train_concept

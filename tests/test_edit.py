@@ -101,7 +101,7 @@ def test_per_concept_beta_tau_and_gate_values():
 
 
 def test_half_precision_inputs_use_fp32_arithmetic():
-    c_inv, root, i_star, i_super, w, g = _setup(n=1)
+    c_inv, root, i_star, _, w, g = _setup(n=1)
     basis = _basis(i_star, c_inv, root)
     e = (torch.randn(4, 77, D, generator=g) * 30).half()  # large activations overflow fp16 products
     targets = torch.randn(1, DL, generator=g)

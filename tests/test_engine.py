@@ -14,7 +14,13 @@ from perfusion_hub.concept import (
     save_concept,
 )
 from perfusion_hub.errors import BadInput, IncompatibleConcepts
-from perfusion_hub.loaders import load_concepts, loaded_concepts, runtime_of, set_concept_params, unload_concepts
+from perfusion_hub.loaders import (
+    load_concepts,
+    loaded_concepts,
+    runtime_of,
+    set_concept_params,
+    unload_concepts,
+)
 from perfusion_hub.processor import PerfusionAttnProcessor, cross_attention_modules
 from perfusion_hub.render import render
 from tests.enginekit import synthetic_concept

@@ -8,7 +8,7 @@ from perfusion_hub.photos import load_photos
 from perfusion_hub.train import TrainConfig, train_concept
 from tests.enginekit import photo_folder
 
-QUICK = dict(steps=3, batch_size=4, previews=0)
+QUICK = {"steps": 3, "batch_size": 4, "previews": 0}
 
 
 def _train(base, cov, photos, out, **kw):
