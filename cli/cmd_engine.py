@@ -19,7 +19,7 @@ from cli.output import emit, progress, table
 from registry.errors import NotFound, OfflineError, UsageError
 
 EMBEDDED_NOTICE = (
-    "note: using the embedded '{name}' base (tiny, random weights: it shows the workflow, not real images); "
+    "note: using the embedded '{name}' base (a 64x64 model of a toy world: it shows the workflow, not real photos); "
     "for real images pass --base stable-diffusion-v1-5/stable-diffusion-v1-5 or set PFX_BASE"
 )
 

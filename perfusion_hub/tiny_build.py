@@ -9,6 +9,11 @@
    ``model.safetensors``; no safety checker or feature extractor);
 4. ``data/tiny/build_info.json`` (VAE training settings and measured quality) and ``data/sd15/`` configs.
 
+Steps 3-4 write the UNet and text encoder at their SEEDED INIT: the shipped ones were then trained as a
+denoiser on the procedural world by ``perfusion_hub.tiny_train`` (on a GPU; see build_info.json's
+``denoiser`` section), so after a rebuild run tiny_train again, then regenerate the packaged covariance
+and the sample registry (``python -m cli.samples``).
+
 Total: about 5 minutes on 2 otherwise idle CPU threads (VAE: ~0.13 s per 32px step, ~0.25 s per 64px step),
 11 minutes measured on the shared, busy 2-core dev machine; almost all of it is VAE training
 (``VAE_PHASES``). ``--skip-vae`` keeps the shipped VAE and rebuilds everything else in ~10 seconds.

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
 from perfusion_hub.concept import FORMAT, FORMAT_VERSION, Concept
-from perfusion_hub.processor import cross_attention_modules
-from perfusion_hub.render import render
-from perfusion_hub.train import TEMPLATES, TrainConfig, train_concept, _encode_latents
 from perfusion_hub.loaders import load_concepts, runtime_of, unload_concepts
 from perfusion_hub.photos import load_photos
+from perfusion_hub.processor import cross_attention_modules
+from perfusion_hub.render import render
+from perfusion_hub.train import TEMPLATES, TrainConfig, _encode_latents, train_concept
 from tests.enginekit import superclass_encoding
 
 
@@ -45,17 +45,17 @@ def teacher_concept(base, cov, superclass: str, *, strength: float, seed: int) -
         "format": FORMAT, "format_version": FORMAT_VERSION, "name": "teacher", "version": "0.1.0",
         "superclass": superclass, "trigger": "<teacher>", "base_name": base.name, "base_digest": base.digest,
         "covariance_digest": cov.digest, "corpus_digest": cov.corpus_digest, "beta": "0.75", "tau": "0.1",
-        "key_lock": "local", "training": "{}", "created": datetime.now(timezone.utc).isoformat(),
+        "key_lock": "local", "training": "{}", "created": datetime.now(UTC).isoformat(),
         "pfx_version": "test", "license": "", "description": "",
     }
     return Concept(meta, emb, i_super.clone(), i_super, values), d
 
 
-def render_set(base, cov, concept, folder: Path, seeds, steps: int) -> Path:
+def render_set(base, cov, concept, folder: Path, seeds, steps: int, guidance: float = 1.0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for s in seeds:
         prompt = TEMPLATES[s % len(TEMPLATES)].format(concept.trigger)
-        render(base, prompt, concepts=[concept], covariance=cov, seed=s, steps=steps, guidance=4.0).save(
+        render(base, prompt, concepts=[concept], covariance=cov, seed=s, steps=steps, guidance=guidance).save(
             folder / f"img{s:03d}.png")
     unload_concepts(base.pipe)
     return folder
@@ -92,11 +92,16 @@ def value_delta(concept, init: dict) -> torch.Tensor:
     return torch.cat([concept.value_targets[p] - init[p] for p in init])
 
 
-def run(base, cov, workdir: Path, *, superclass="cat", strength=0.5, train_images=12, heldout=6, render_steps=20,
-        steps=80, batch_size=8, seed=0) -> dict:
+def run(base, cov, workdir: Path, *, superclass="cat", strength=4.0, train_images=12, heldout=6, render_steps=20,
+        steps=200, batch_size=8, seed=0, guidance=1.0, control=True) -> dict:
+    """Teacher images are rendered at `guidance` 1.0 by default (plain conditional sampling, so the teacher
+    model is what generated them). With `control`, a second student is trained the same way on images of an
+    unperturbed teacher (strength 0, same seeds): what every student learns from rendered images alone
+    (renderer bias, the prompt templates) cancels in student - control, and cos(student - control, d) is
+    reported as `cos_vs_control_delta_vs_d` (one more render set and training: about twice the time)."""
     teacher, d = teacher_concept(base, cov, superclass, strength=strength, seed=seed + 1)
-    train_dir = render_set(base, cov, teacher, workdir / "train", range(train_images), render_steps)
-    held_dir = render_set(base, cov, teacher, workdir / "heldout", range(1000, 1000 + heldout), render_steps)
+    train_dir = render_set(base, cov, teacher, workdir / "train", range(train_images), render_steps, guidance)
+    held_dir = render_set(base, cov, teacher, workdir / "heldout", range(1000, 1000 + heldout), render_steps, guidance)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, previews=0, seed=seed, flip=False)
     student = train_concept(base, train_dir, name="student", superclass=superclass, covariance=cov,
                             out_path=workdir / "student.safetensors", config=cfg).concept
@@ -107,14 +112,24 @@ def run(base, cov, workdir: Path, *, superclass="cat", strength=0.5, train_image
     init = {p: v.clone() for p, v in untrained.value_targets.items()}
     delta = value_delta(student, init)
     cos = float(torch.dot(delta, d) / (delta.norm() * d.norm() + 1e-12))
+    cos_control = None
+    if control:
+        plain, _ = teacher_concept(base, cov, superclass, strength=0.0, seed=seed + 1)
+        ctrl_dir = render_set(base, cov, plain, workdir / "control", range(train_images), render_steps, guidance)
+        ctrl = train_concept(base, ctrl_dir, name="student", superclass=superclass, covariance=cov,
+                             out_path=workdir / "control.safetensors", config=cfg).concept
+        diff = delta - value_delta(ctrl, init)
+        cos_control = round(float(torch.dot(diff, d) / (diff.norm() * d.norm() + 1e-12)), 4)
     figures = {
         "cos_student_delta_vs_d": round(cos, 4),
+        "cos_vs_control_delta_vs_d": cos_control,
         "chance_cos": round(1 / math.sqrt(d.numel()), 4),
         "loss_untrained_student": heldout_loss(base, cov, untrained, held_dir),
         "loss_trained_student": heldout_loss(base, cov, student, held_dir),
         "loss_teacher": heldout_loss(base, cov, teacher, held_dir),
         "settings": {"strength": strength, "train_images": train_images, "heldout_images": heldout, "steps": steps,
-                     "batch_size": batch_size, "seed": seed, "render_steps": render_steps},
+                     "batch_size": batch_size, "seed": seed, "render_steps": render_steps,
+                     "guidance": guidance, "control": control},
     }
     gap = figures["loss_untrained_student"] - figures["loss_teacher"]
     figures["loss_gap_closed"] = round((figures["loss_untrained_student"] - figures["loss_trained_student"]) / gap, 4) \

@@ -1,0 +1,70 @@
+"""The procedural world of the tiny base (perfusion_hub.world): determinism, reserved instances, captions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from perfusion_hub import world
+from perfusion_hub.tiny_build import TINY_DIR
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(TINY_DIR / "tokenizer"))
+
+
+def test_samples_deterministic():
+    a_img, a_cap, a_scene = world.sample(123, 3)
+    b_img, b_cap, b_scene = world.sample(123, 3)
+    assert (a_img == b_img).all() and a_cap == b_cap and a_scene == b_scene
+    assert a_img.shape == (64, 64, 3) and a_img.dtype == np.uint8
+    c_img, _, _ = world.sample(124, 1)
+    assert not (a_img == c_img).all()
+    assert (world.render_mittens(3) == world.render_mittens(3)).all()
+    assert (world.render_eames(3) == world.render_eames(3)).all()
+
+
+def test_reserved_instances_never_in_base_training():
+    rng = np.random.default_rng(0)
+    classes, relations = set(), set()
+    for s in range(3000):
+        scene = world.sample_scene(np.random.default_rng([s, 7]))
+        assert all(o.instance is None for o in scene.objects)
+        assert 1 <= len(scene.objects) <= 2
+        classes.update(o.cls for o in scene.objects)
+        relations.add(scene.relation)
+        for o in scene.objects:
+            assert o.color != scene.background
+    assert classes == set(world.CLASSES) and set(world.RELATIONS) <= relations
+    # the instances themselves render, and differ from every generic cat / chair drawing of the same box
+    m = world.mittens(rng)
+    assert m.instance == "mittens" and m.cls == "cat" and m.color == "orange"
+    scene = world.Scene(background="green", objects=[m])
+    generic = world.with_object(scene, instance=None)
+    assert not (world.render(scene) == world.render(generic)).all()
+    e = world.eames(rng)
+    scene = world.Scene(background="pink", objects=[e])
+    assert not (world.render(scene) == world.render(world.with_object(scene, instance=None))).all()
+    with pytest.raises(ValueError):
+        world.caption(scene, rng)
+
+
+def test_every_caption_word_is_one_token(tokenizer):
+    table = world.check_vocabulary(tokenizer)
+    assert set(table) == set(world.vocabulary())
+    to_ids = world.CaptionIds(tokenizer)
+    _, caps = world.batch(range(200), 2)
+    for cs in caps:
+        for c in cs:
+            assert set(c.split()) <= set(table), c
+            ref = tokenizer(c, padding="max_length", max_length=77).input_ids
+            assert to_ids(c).tolist() == ref, c
+
+
+def test_instances_vary_position_and_background():
+    imgs = [world.render_mittens(s) for s in range(6)] + [world.render_eames(s) for s in range(6)]
+    assert len({im.tobytes() for im in imgs}) == 12
+    assert len({tuple(im[0, 0]) for im in imgs}) > 3  # several backgrounds
