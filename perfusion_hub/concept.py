@@ -50,11 +50,10 @@ class TensorInfo:
     end: int
 
 
-@dataclass
-class ConceptHeader:
+class _Metadata:
+    """Read-only views of the header metadata, shared by ConceptHeader and Concept."""
+
     metadata: dict[str, str]
-    tensors: dict[str, TensorInfo]
-    data_start: int  # absolute file offset of the data section
 
     @property
     def name(self) -> str:
@@ -77,15 +76,6 @@ class ConceptHeader:
         return self.metadata["base_digest"]
 
     @property
-    def dim(self) -> int:
-        return self.tensors["token_embedding"].shape[0]
-
-    @property
-    def layers(self) -> dict[str, int]:
-        """attn2 module path -> output width d_l, in file order."""
-        return {k[len(VALUE_PREFIX):]: t.shape[0] for k, t in self.tensors.items() if k.startswith(VALUE_PREFIX)}
-
-    @property
     def beta(self) -> float:
         return float(self.metadata["beta"])
 
@@ -98,6 +88,22 @@ class ConceptHeader:
 
     def describe(self) -> str:
         return f"{self.name}@{self.version}"
+
+
+@dataclass
+class ConceptHeader(_Metadata):
+    metadata: dict[str, str]
+    tensors: dict[str, TensorInfo]
+    data_start: int  # absolute file offset of the data section
+
+    @property
+    def dim(self) -> int:
+        return self.tensors["token_embedding"].shape[0]
+
+    @property
+    def layers(self) -> dict[str, int]:
+        """attn2 module path -> output width d_l, in file order."""
+        return {k[len(VALUE_PREFIX):]: t.shape[0] for k, t in self.tensors.items() if k.startswith(VALUE_PREFIX)}
 
 
 def _no_duplicates(pairs):
@@ -244,7 +250,7 @@ def read_header(path: str | os.PathLike) -> ConceptHeader:
 
 
 @dataclass
-class Concept:
+class Concept(_Metadata):
     """A concept in memory: tensors as fp32 torch tensors plus its metadata."""
 
     metadata: dict[str, str]
@@ -253,29 +259,6 @@ class Concept:
     superclass_input: Any
     value_targets: dict[str, Any] = field(default_factory=dict)  # attn2 path -> [d_l]
     digest: str = ""  # sha256 of the file it was loaded from ("" for one built in memory)
-
-    @property
-    def name(self) -> str:
-        return self.metadata["name"]
-
-    @property
-    def trigger(self) -> str:
-        return self.metadata["trigger"]
-
-    @property
-    def superclass(self) -> str:
-        return self.metadata["superclass"]
-
-    @property
-    def beta(self) -> float:
-        return float(self.metadata["beta"])
-
-    @property
-    def tau(self) -> float:
-        return float(self.metadata["tau"])
-
-    def describe(self) -> str:
-        return f"{self.metadata['name']}@{self.metadata['version']}"
 
     def tensors(self) -> dict[str, Any]:
         out = {
