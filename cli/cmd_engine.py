@@ -116,6 +116,15 @@ def _parse_sweep(text: str) -> list[float]:
     return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
 
 
+def name_like_words(prompt: str, known: set[str]) -> list[str]:
+    """Words shaped like concept names (lowercase parts joined by - _ . or ns/) that are not known concepts:
+    probably a concept the user forgot to install."""
+    import re
+
+    words = re.findall(r"(?<![<\w])[a-z0-9]+(?:[-_][a-z0-9]+)+(?:/[a-z0-9]+(?:[-_][a-z0-9]+)*)?(?![\w>])", prompt)
+    return [w for w in dict.fromkeys(words) if w not in known]
+
+
 def installed_concepts(ctx_obj, names: list[str], *, install_missing: bool):
     """Concept objects for installed names (installing missing ones first with --install)."""
     from registry.names import parse_ref
@@ -290,8 +299,20 @@ def render(obj, prompt, with_names, base, seed, steps, guidance, beta, tau, glob
     betas, taus = _parse_assignments(beta, "--beta"), _parse_assignments(tau, "--tau")
     sweep = _parse_sweep(sweep_beta) if sweep_beta else None
     home = obj.home
-    candidates = sorted({r["name"] for r in home.installed()} | set(with_names))
-    names = list(dict.fromkeys(referenced_names(prompt, candidates) + list(with_names)))
+    installed = {r["name"] for r in home.installed()}
+    for word in name_like_words(prompt, installed | set(with_names)):
+        if install_missing and not obj.offline:
+            from registry.install import install
+
+            try:
+                install(home, [word])
+                installed.add(word)
+                continue
+            except NotFound:
+                pass
+        click.echo(f"note: '{word}' is not an installed concept, so it stays plain text "
+                   f"(`pfx install {word}` or --install if it is one)", err=True)
+    names = list(dict.fromkeys(referenced_names(prompt, sorted(installed | set(with_names))) + list(with_names)))
     pairs = installed_concepts(obj, names, install_missing=install_missing)
     value = base_value(obj, base)
     from perfusion_hub.bases import resolve_spec

@@ -124,3 +124,15 @@ def test_concept_for_another_base_and_corrupt_blob_are_refused(home, tmp_path):
     res = pfx_main("render", "a photo of cat-mittens", "--steps", "1", "-o", str(tmp_path / "z.png"))
     assert res.returncode == 5 and "Traceback" not in res.stderr
     assert not Path(tmp_path / "z.png").exists()
+
+
+def test_render_notes_uninstalled_names_and_installs_them_with_install(home, tmp_path):
+    out = tmp_path / "x.png"
+    plain = pfx_main("render", "a close-up of cat-mittens", "--steps", "1", "-o", str(out))
+    assert plain.returncode == 0 and "'cat-mittens' is not an installed concept" in plain.stderr
+    assert "'close-up' is not an installed concept" in plain.stderr
+    res = pfx_main("render", "a close-up of cat-mittens on chair-eames", "--steps", "1", "--install", "-o", str(out),
+                   "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["concepts"] == ["cat-mittens", "chair-eames"]  # fetched from the sample registry
+    assert "'close-up' is not an installed concept" in res.stderr
