@@ -14,7 +14,6 @@ streaming into the store, and nothing unverified is ever renamed into place.
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import stat
@@ -26,7 +25,7 @@ from pathlib import Path
 from registry.errors import IntegrityError, NotFound, UsageError, VersionExists
 from registry.home import Home
 from registry.index import now_iso
-from registry.manifest import MAX_MANIFEST_BYTES, canonical_json, parse_manifest
+from registry.manifest import MAX_MANIFEST_BYTES, canonical_json, parse_manifest, strict_loads
 from registry.names import is_digest, parse_ref, validate_name
 from registry.versions import parse_version
 
@@ -286,20 +285,7 @@ def _read_capped(src, key: str, cap: int) -> bytes:
 
 
 def _parse_index(data: bytes) -> list[dict]:
-    def no_dup(pairs):
-        d = {}
-        for k, v in pairs:
-            if k in d:
-                raise ValueError(f"duplicate key {k!r}")
-            d[k] = v
-        return d
-
-    try:
-        raw = json.loads(data.decode("utf-8"), object_pairs_hook=no_dup)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise IntegrityError(f"{BUNDLE_INDEX}: not valid JSON ({e})") from None
-    except RecursionError:  # a few KB of '[' fit under the size cap
-        raise IntegrityError(f"{BUNDLE_INDEX}: JSON nested too deeply; refused") from None
+    raw = strict_loads(data, BUNDLE_INDEX, allow_constants=True)
     if not isinstance(raw, dict) or raw.get("schema") != BUNDLE_SCHEMA or not isinstance(raw.get("concepts"), list):
         raise IntegrityError(f"{BUNDLE_INDEX}: not a {BUNDLE_SCHEMA} document")
     out = []

@@ -200,6 +200,18 @@ def _reject_constant(c: str):
     raise ValueError(f"{c} is not allowed")
 
 
+def strict_loads(data: bytes, where: str, *, allow_constants: bool = False) -> Any:
+    """Parse UTF-8 JSON refusing duplicate keys (and NaN/Infinity unless `allow_constants`); any failure
+    is an IntegrityError naming `where`. Size caps are the caller's."""
+    try:
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_dup,
+                          parse_constant=None if allow_constants else _reject_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise IntegrityError(f"{where}: not valid JSON ({e})") from None
+    except RecursionError:  # a few KB of '[' fit under any size cap
+        raise IntegrityError(f"{where}: JSON nested too deeply; refused") from None
+
+
 class _Checker:
     def __init__(self, where: str):
         self.where = where
@@ -303,12 +315,7 @@ def parse_manifest(
     digest = sha256_digest(data)
     if expect_digest is not None and digest != expect_digest:
         raise IntegrityError(f"{where}: content has digest {digest}, expected {expect_digest}")
-    try:
-        raw = json.loads(data.decode("utf-8"), object_pairs_hook=_no_dup, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise IntegrityError(f"{where}: not valid JSON ({e})") from None
-    except RecursionError:  # a few KB of '[' fit under the size cap
-        raise IntegrityError(f"{where}: JSON nested too deeply; refused") from None
+    raw = strict_loads(data, where)
     _check(raw, where)
     try:
         canonical = canonical_json(raw)

@@ -13,14 +13,13 @@ the manifest; a digest pin costs the manifest GET alone. Nothing here lists the 
 
 from __future__ import annotations
 
-import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from registry.errors import IntegrityError, NotFound, PfxError, UsageError
-from registry.manifest import MAX_MANIFEST_BYTES, Manifest, canonical_json, parse_manifest
+from registry.manifest import MAX_MANIFEST_BYTES, Manifest, canonical_json, parse_manifest, strict_loads
 from registry.names import Ref, is_digest, validate_name
 from registry.remotes.base import KeyMissing, Remote, claim_key, manifest_key, package_key
 from registry.versions import parse_version, select_version, sort_versions
@@ -38,24 +37,7 @@ def strict_json(data: bytes, where: str, cap: int) -> Any:
     """Parse JSON after a size check; duplicate keys and NaN/Infinity are refused (IntegrityError)."""
     if len(data) > cap:
         raise IntegrityError(f"{where}: {len(data)} bytes, over the {cap}-byte limit; refused before parsing")
-
-    def no_dup(pairs):
-        out = {}
-        for k, v in pairs:
-            if k in out:
-                raise ValueError(f"duplicate key {k!r}")
-            out[k] = v
-        return out
-
-    def no_const(c):
-        raise ValueError(f"{c} is not allowed")
-
-    try:
-        return json.loads(bytes(data).decode("utf-8"), object_pairs_hook=no_dup, parse_constant=no_const)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise IntegrityError(f"{where}: not valid JSON ({e})") from None
-    except RecursionError:  # a few KB of '[' fit under any size cap
-        raise IntegrityError(f"{where}: JSON nested too deeply; refused") from None
+    return strict_loads(bytes(data), where)
 
 
 def _fail(where: str, msg: str) -> None:

@@ -57,6 +57,21 @@ def add_concept(home, tmp: str | os.PathLike, name: str, version: str, *, seed: 
     return home.add_concept_file(p, covariance=cov, description=description, tags=list(tags))
 
 
+def publish_big_concepts(pub_dir: str | os.PathLike, tmp: str | os.PathLike, url: str, endpoint: str, n: int,
+                         prefix: str = "obj"):
+    """Open a publisher home at `pub_dir` with the s3 remote `url` (at `endpoint`), add `n` big concepts
+    `{prefix}0`.. at 1.0.0 (seeds 0..) and publish them; returns (home, manifests). The home stays open."""
+    from registry.home import Home
+    from registry.publish import publish
+
+    pub = Home.open(pub_dir, offline=False)
+    pub.add_remote("s3", url, endpoint_url=endpoint)
+    ms = [add_concept(pub, tmp, f"{prefix}{i}", "1.0.0", seed=i, big=True) for i in range(n)]
+    for m in ms:
+        publish(pub, m.ref())
+    return pub, ms
+
+
 def publish_worker(home_dir: str, name: str, version: str, seed: str, url: str, endpoint: str) -> None:
     """Run in a subprocess by race tests: make a concept, publish it, print one JSON line."""
     import sys

@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+from tests.s3server import bucket, s3_url  # noqa: F401  (fixtures: a module's moto server, a fresh bucket)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

@@ -97,6 +97,28 @@ def _error_body(code: str, msg: str) -> bytes:
     return f"<Error><Code>{code}</Code><Message>{msg}</Message></Error>".encode()
 
 
+def read_request_body(h: BaseHTTPRequestHandler) -> bytes:
+    """The request body a handler received, Content-Length or chunked."""
+    if "chunked" in (h.headers.get("Transfer-Encoding") or ""):
+        out = bytearray()
+        while True:
+            size = int(h.rfile.readline().split(b";")[0].strip(), 16)
+            if size == 0:
+                while h.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return bytes(out)
+            out += h.rfile.read(size)
+            h.rfile.readline()
+    n = int(h.headers.get("Content-Length") or 0)
+    return h.rfile.read(n) if n else b""
+
+
+def reset_connection(h: BaseHTTPRequestHandler) -> None:
+    """Make the handler's connection close with a RST (SO_LINGER 0) instead of a FIN."""
+    h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    h.close_connection = True
+
+
 def _handler(state: ChaosState):
     host, port = state.upstream.removeprefix("http://").split(":")
 
@@ -105,24 +127,6 @@ def _handler(state: ChaosState):
 
         def log_message(self, *a):
             pass
-
-        def _read_body(self) -> bytes:
-            if "chunked" in (self.headers.get("Transfer-Encoding") or ""):
-                out = bytearray()
-                while True:
-                    size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                    if size == 0:
-                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                            pass
-                        return bytes(out)
-                    out += self.rfile.read(size)
-                    self.rfile.readline()
-            n = int(self.headers.get("Content-Length") or 0)
-            return self.rfile.read(n) if n else b""
-
-        def _rst(self) -> None:
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.close_connection = True
 
         def _reply(self, status: int, body: bytes, headers=()) -> None:
             self.send_response(status)
@@ -134,12 +138,12 @@ def _handler(state: ChaosState):
                 self.wfile.write(body)
 
         def _serve(self) -> None:
-            body = self._read_body()
+            body = read_request_body(self)
             action = state.take(self.command, self.path)
             if state.delay_s:
                 time.sleep(state.delay_s)
             if action == "reset":
-                return self._rst()
+                return reset_connection(self)
             if action == "500":
                 return self._reply(500, _error_body("InternalError", "We encountered an internal error."),
                                    [("Content-Type", "application/xml")])
@@ -160,10 +164,10 @@ def _handler(state: ChaosState):
             finally:
                 conn.close()
             if action == "drop":
-                return self._rst()
+                return reset_connection(self)
             if action == "stall":
                 time.sleep(state.stall_s)
-                return self._rst()
+                return reset_connection(self)
             self.send_response(resp.status, resp.reason)
             for k, v in resp.getheaders():
                 if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
@@ -179,7 +183,7 @@ def _handler(state: ChaosState):
                 self.wfile.flush()
                 if action == "stall-body":
                     time.sleep(state.stall_s)
-                return self._rst()
+                return reset_connection(self)
             if action == "corrupt" and self.command != "PUT" and data:
                 i = len(data) // 2
                 data = data[:i] + bytes([data[i] ^ 0x5A]) + data[i + 1:]

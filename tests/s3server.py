@@ -11,13 +11,16 @@ If-None-Match / If-Match). It counts requests, so tests can assert request budge
 from __future__ import annotations
 
 import http.client
-import socket
-import struct
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.faultproxy import read_request_body, reset_connection
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "test",
@@ -55,6 +58,47 @@ def make_bucket(endpoint: str, bucket: str) -> None:
                       region_name="us-east-1")
     s3.create_bucket(Bucket=bucket)
     s3.close()
+
+
+def new_bucket(endpoint: str, prefix: str = "pfx") -> str:
+    """Create a bucket with a fresh random name starting with `prefix`; return its name."""
+    bucket = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    make_bucket(endpoint, bucket)
+    return bucket
+
+
+def isolate_aws_env(monkeypatch, config_file, credentials_file=None) -> None:
+    """Point boto3 at the test credentials only: no endpoint, profile or offline setting from outside."""
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "PFX_OFFLINE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config_file))
+    if credentials_file is not None:
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials_file))
+
+
+# Fixtures. tests/conftest.py offers `s3_url` and `bucket` to every module (a module's own fixture of
+# the same name wins); `aws_env` is autouse in the modules that import it.
+
+
+@pytest.fixture(scope="module")
+def s3_url():
+    """A moto S3 server for the module."""
+    with moto_server() as url:
+        yield url
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch, tmp_path):
+    """Autouse in every module that imports it: test credentials, no AWS config or credentials file."""
+    isolate_aws_env(monkeypatch, tmp_path / "no-aws-config", tmp_path / "no-aws-creds")
+
+
+@pytest.fixture
+def bucket(s3_url):
+    """A fresh, empty bucket on the module's server."""
+    return new_bucket(s3_url)
 
 
 @dataclass
@@ -97,26 +141,8 @@ def _handler(state: ProxyState):
         def log_message(self, *a):
             pass
 
-        def _body(self) -> bytes:
-            if "chunked" in (self.headers.get("Transfer-Encoding") or ""):
-                out = b""
-                while True:
-                    size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                    if size == 0:
-                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                            pass
-                        return out
-                    out += self.rfile.read(size)
-                    self.rfile.readline()
-            n = int(self.headers.get("Content-Length") or 0)
-            return self.rfile.read(n) if n else b""
-
-        def _hard_reset(self) -> None:
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.close_connection = True
-
         def _serve(self) -> None:
-            body = self._body()
+            body = read_request_body(self)
             action = state.take(self.command, self.path)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
             if body or self.command in ("PUT", "POST"):
@@ -124,7 +150,7 @@ def _handler(state: ProxyState):
             if action == "strip-conditional" or state.strip_conditional:
                 headers = {k: v for k, v in headers.items() if k.lower() not in ("if-none-match", "if-match")}
             if action == "reset":
-                self._hard_reset()
+                reset_connection(self)
                 return
             if action == "503":
                 msg = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
@@ -150,7 +176,7 @@ def _handler(state: ProxyState):
             if action == "truncate" and len(data) > 1:
                 self.wfile.write(data[: len(data) // 2])
                 self.wfile.flush()
-                self._hard_reset()
+                reset_connection(self)
                 return
             if action == "corrupt" and data:
                 data = bytes([data[0] ^ 0xFF]) + data[1:]

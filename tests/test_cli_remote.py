@@ -97,7 +97,7 @@ def test_pfx_subprocess_against_s3(tmp_path, s3_url):
     p = _pfx(cons, "--offline", "install", "chair-eames", "--json", env=env)
     assert json.loads(p.stdout)[0]["status"] == "present"
     p = _pfx(pub, "yank", "chair-eames@1.0.0", env=env)
-    p = _pfx(tmp_path / "fresh", "install", "chair-eames", "--remote", "sample", env=env, ok=False)
-    assert p.returncode == 3
+    p = _pfx(tmp_path / "fresh", "install", "chair-eames@1.0.0", "--remote", "sample", env=env, ok=False)
+    assert p.returncode == 3  # the sample registry ships chair-eames 0.1.0 only
     p = _pfx(pub, "publish", "chair-eames", "--to", "sample", env=env, ok=False)
     assert p.returncode == 6 and "read-only" in p.stderr

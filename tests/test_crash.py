@@ -22,14 +22,12 @@ import resource
 import signal
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from registry.home import Home
-from registry.publish import publish
-from tests.conceptgen import add_concept
+from tests.conceptgen import add_concept, publish_big_concepts
 from tests.faultproxy import (
     chaos_proxy,
     clean_error,
@@ -40,36 +38,21 @@ from tests.faultproxy import (
     remote_problems,
     start_pfx,
 )
-from tests.s3server import S3_ENV, make_bucket, moto_server
+from tests.s3server import isolate_aws_env, new_bucket
 
 TINY = Path(__file__).resolve().parent.parent / "perfusion_hub" / "data" / "tiny"
 needs_tiny = pytest.mark.skipif(not (TINY / "unet").is_dir(), reason="the embedded tiny base is not built yet")
 
 
-@pytest.fixture(scope="module")
-def s3_url():
-    with moto_server() as url:
-        yield url
-
-
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch):
-    for k, v in S3_ENV.items():
-        monkeypatch.setenv(k, v)
-    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "PFX_OFFLINE"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent-pfx-test")
+    isolate_aws_env(monkeypatch, "/nonexistent-pfx-test")
 
 
 def make_registry(s3_url: str, tmp: Path, n: int, tag: str = "c") -> tuple[str, list]:
-    bucket = f"crash-{uuid.uuid4().hex[:12]}"
-    make_bucket(s3_url, bucket)
+    bucket = new_bucket(s3_url, "crash")
     url = f"s3://{bucket}/reg"
-    pub = Home.open(tmp / f"pub-{bucket}", offline=False)
-    pub.add_remote("s3", url, endpoint_url=s3_url)
-    ms = [add_concept(pub, tmp, f"{tag}{i}", "1.0.0", seed=i, big=True) for i in range(n)]
-    for m in ms:
-        publish(pub, m.ref())
+    pub, ms = publish_big_concepts(tmp / f"pub-{bucket}", tmp, url, s3_url, n, prefix=tag)
     pub.close()
     return url, ms
 
@@ -144,8 +127,7 @@ def run_install_kills(s3_url: str, tmp: Path, seeds, *, n: int = 6, delay_s: flo
 
 
 def run_publish_kills(s3_url: str, tmp: Path, seeds, *, delay_s: float = 0.05) -> dict:
-    bucket = f"crash-{uuid.uuid4().hex[:12]}"
-    make_bucket(s3_url, bucket)
+    bucket = new_bucket(s3_url, "crash")
     url = f"s3://{bucket}/reg"
     out = {"kill_points": 0, "killed": 0, "resumed": 0, "problems": []}
     home = tmp / "publisher"

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import random
-import uuid
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ from registry.errors import EXIT_REMOTE, PfxError
 from registry.home import Home
 from registry.install import install
 from registry.publish import publish
-from tests.conceptgen import add_concept
+from tests.conceptgen import add_concept, publish_big_concepts
 from tests.faultproxy import (
     Rule,
     chaos_proxy,
@@ -37,32 +36,16 @@ from tests.faultproxy import (
     pfx,
     remote_problems,
 )
-from tests.s3server import S3_ENV, make_bucket, moto_server
+from tests.s3server import isolate_aws_env, new_bucket
 
 PUBLISH_REQUESTS = [("PUT", "config"), ("PUT", "blob"), ("PUT", "manifest"), ("PUT", "journal"), ("PUT", "claim"),
                     ("GET", "package"), ("PUT", "package")]
 NET_ACTIONS = ("500", "503", "reset", "drop", "truncate", "corrupt")
 
 
-@pytest.fixture(scope="module")
-def s3_url():
-    with moto_server() as url:
-        yield url
-
-
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch):
-    for k, v in S3_ENV.items():
-        monkeypatch.setenv(k, v)
-    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "PFX_OFFLINE"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent-pfx-test")
-
-
-def new_bucket(s3_url: str) -> str:
-    bucket = f"hard-{uuid.uuid4().hex[:12]}"
-    make_bucket(s3_url, bucket)
-    return bucket
+    isolate_aws_env(monkeypatch, "/nonexistent-pfx-test")
 
 
 def run_publish_matrix(s3_url: str, tmp: Path, requests=PUBLISH_REQUESTS, actions=NET_ACTIONS, *,
@@ -72,7 +55,7 @@ def run_publish_matrix(s3_url: str, tmp: Path, requests=PUBLISH_REQUESTS, action
 
     Returns figures: cases, first-try successes, clean failures that a rerun completed, and every
     problem found (a non-PfxError, a failed rerun, an inconsistent remote, a bad install)."""
-    bucket = new_bucket(s3_url)
+    bucket = new_bucket(s3_url, "hard")
     url = f"s3://{bucket}/reg"
     rng = random.Random(seed)
     out = {"cases": 0, "ok_first_try": 0, "clean_fail_then_rerun_ok": 0, "faults_injected": 0, "problems": []}
@@ -134,7 +117,7 @@ def test_wrong_bytes_stored_by_a_store_that_checks_nothing_are_replaced(s3_url, 
     """moto, like some S3-compatibles, stores a PUT body without checking its checksum. A body altered
     in flight must not become a permanently corrupt immutable object (readers would refuse it, and
     put_if_absent would never overwrite it): pfx compares the returned ETag with the MD5 it sent."""
-    bucket = new_bucket(s3_url)
+    bucket = new_bucket(s3_url, "hard")
     with chaos_proxy(s3_url) as (proxy, state):
         home = Home.open(tmp_path / "h", offline=False)
         home.add_remote("s3", f"s3://{bucket}/reg", endpoint_url=proxy)
@@ -148,7 +131,7 @@ def test_wrong_bytes_stored_by_a_store_that_checks_nothing_are_replaced(s3_url, 
 
 @pytest.mark.parametrize("action", ["stall", "stall-body"])
 def test_stalls_are_bounded_by_the_read_timeout_and_retried(s3_url, tmp_path, action):
-    bucket = new_bucket(s3_url)
+    bucket = new_bucket(s3_url, "hard")
     url = f"s3://{bucket}/reg"
     with chaos_proxy(s3_url) as (proxy, state):
         state.stall_s = 3.0
@@ -178,13 +161,9 @@ def test_stalls_are_bounded_by_the_read_timeout_and_retried(s3_url, tmp_path, ac
 
 @pytest.fixture
 def registry_with_four(s3_url, tmp_path):
-    bucket = new_bucket(s3_url)
+    bucket = new_bucket(s3_url, "hard")
     url = f"s3://{bucket}/reg"
-    pub = Home.open(tmp_path / "pub", offline=False)
-    pub.add_remote("s3", url, endpoint_url=s3_url)
-    ms = [add_concept(pub, tmp_path, f"obj{i}", "1.0.0", seed=i, big=True) for i in range(4)]
-    for m in ms:
-        publish(pub, m.ref())
+    _pub, ms = publish_big_concepts(tmp_path / "pub", tmp_path, url, s3_url, 4)
     return bucket, url, ms
 
 
@@ -250,7 +229,7 @@ def test_cli_install_wrong_manifest_and_index_bytes_fail_cleanly(s3_url, tmp_pat
 
 
 def test_cli_publish_permanent_fault_fails_cleanly_and_rerun_completes(s3_url, tmp_path):
-    bucket = new_bucket(s3_url)
+    bucket = new_bucket(s3_url, "hard")
     url = f"s3://{bucket}/reg"
     home = tmp_path / "pub"
     h = Home.open(home, offline=False)

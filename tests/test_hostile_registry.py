@@ -24,7 +24,7 @@ from registry.remotes import open_remote
 from registry.remotes.base import claim_key, manifest_key, package_key
 from registry.resolve import MAX_CLAIM_BYTES, MAX_PACKAGE_BYTES, search_remote
 from tests.conceptgen import add_concept
-from tests.s3server import S3_ENV, make_bucket, moto_server
+from tests.s3server import aws_env, new_bucket  # noqa: F401  (aws_env: autouse fixture)
 
 # --------------------------------------------------------------------------------------------------
 # names and references
@@ -70,29 +70,12 @@ def test_cli_refuses_hostile_reference_with_exit_2_before_any_network(tmp_path):
 # documents planted in a remote (file:// and moto)
 
 
-@pytest.fixture(scope="module")
-def s3_url():
-    with moto_server() as url:
-        yield url
-
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch, tmp_path):
-    for k, v in S3_ENV.items():
-        monkeypatch.setenv(k, v)
-    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "PFX_OFFLINE"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-creds"))
-
-
 class Registry:
     """A registry with cat@1.0.0 and dog@1.0.0 published, and an attacker's write access to it."""
 
     def __init__(self, kind: str, tmp_path, s3_url: str | None):
         if kind == "s3":
-            bucket = f"pfx-{uuid.uuid4().hex[:12]}"
-            make_bucket(s3_url, bucket)
+            bucket = new_bucket(s3_url)
             self.url, self.endpoint = f"s3://{bucket}/reg", s3_url
             self.s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1")
             self.bucket = bucket

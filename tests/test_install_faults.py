@@ -3,43 +3,19 @@ bodies are retried; nothing unverified is stored; a blob that is always wrong fa
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from registry.errors import IntegrityError
 from registry.home import Home
 from registry.install import install
-from registry.publish import publish
-from tests.conceptgen import add_concept
-from tests.s3server import S3_ENV, Fault, fault_proxy, make_bucket, moto_server
-
-
-@pytest.fixture(scope="module")
-def s3_url():
-    with moto_server() as url:
-        yield url
-
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch, tmp_path):
-    for k, v in S3_ENV.items():
-        monkeypatch.setenv(k, v)
-    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "PFX_OFFLINE"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+from tests.conceptgen import publish_big_concepts
+from tests.s3server import Fault, aws_env, fault_proxy, new_bucket  # noqa: F401  (aws_env: autouse fixture)
 
 
 @pytest.fixture
 def published(tmp_path, s3_url):
-    bucket = f"pfx-{uuid.uuid4().hex[:12]}"
-    make_bucket(s3_url, bucket)
-    url = f"s3://{bucket}/reg"
-    pub = Home.open(tmp_path / "pub", offline=False)
-    pub.add_remote("s3", url, endpoint_url=s3_url)
-    ms = [add_concept(pub, tmp_path, f"obj{i}", "1.0.0", seed=i, big=True) for i in range(4)]
-    for m in ms:
-        publish(pub, m.ref())
+    url = f"s3://{new_bucket(s3_url)}/reg"
+    pub, ms = publish_big_concepts(tmp_path / "pub", tmp_path, url, s3_url, 4)
     return url, ms, pub
 
 

@@ -4,7 +4,6 @@ round trip, immutability, yank/tag, corrupted objects, request budget, offline, 
 from __future__ import annotations
 
 import socket
-import uuid
 
 import boto3
 import pytest
@@ -17,30 +16,7 @@ from registry.remotes import open_remote
 from registry.remotes.base import blob_key
 from registry.resolve import fetch_package
 from tests.conceptgen import add_concept
-from tests.s3server import S3_ENV, fault_proxy, make_bucket, moto_server
-
-
-@pytest.fixture(scope="module")
-def s3_url():
-    with moto_server() as url:
-        yield url
-
-
-@pytest.fixture(autouse=True)
-def aws_env(monkeypatch, tmp_path):
-    for k, v in S3_ENV.items():
-        monkeypatch.setenv(k, v)
-    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "PFX_OFFLINE"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-creds"))
-
-
-@pytest.fixture
-def bucket(s3_url):
-    name = f"pfx-{uuid.uuid4().hex[:12]}"
-    make_bucket(s3_url, name)
-    return name
+from tests.s3server import aws_env, fault_proxy  # noqa: F401  (aws_env: autouse fixture)
 
 
 def _home(tmp_path, label, url, endpoint, offline=False):
