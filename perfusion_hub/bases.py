@@ -173,18 +173,31 @@ def cache_key(spec: BaseSpec) -> str:
 
 
 def _load_tokenizer(folder: str | None, offline: bool):
+    """A CLIP tokenizer from `folder`, else from the Hugging Face cache.
+
+    transformers 5 builds an empty 2-token tokenizer instead of failing when the files are missing, so a
+    tokenizer counts as found only if it has a real vocabulary.
+    """
     from transformers import CLIPTokenizer
+
+    def usable(tok) -> bool:
+        return len(tok.get_vocab()) > 256 and tok.bos_token in tok.get_vocab()
 
     if folder:
         try:
-            return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+            tok = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError) as e:
             raise BaseNotAvailable(f"cannot load a CLIP tokenizer from {folder}: {e}") from None
+        if not usable(tok):
+            raise BaseNotAvailable(f"{folder} holds no CLIP tokenizer (expected vocab.json and merges.txt)")
+        return tok
     for repo, sub in TOKENIZER_CACHE_IDS:
         try:
-            return CLIPTokenizer.from_pretrained(repo, subfolder=sub, local_files_only=True)
+            tok = CLIPTokenizer.from_pretrained(repo, subfolder=sub, local_files_only=True)
         except (OSError, ValueError):
             continue
+        if usable(tok):
+            return tok
     raise BaseNotAvailable(
         "a single-file checkpoint needs the SD1.5 CLIP tokenizer, and none is in the Hugging Face cache; "
         "pass --tokenizer FOLDER (a folder with vocab.json and merges.txt), or run "
@@ -237,7 +250,7 @@ def load_base(
             pipe = _load_hub(spec.location, offline, common)
     except (BaseNotAvailable, BadInput):
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, _single_file_error()) as e:
         raise BaseNotAvailable(f"cannot load base {spec.location}: {str(e).splitlines()[0][:300]}") from None
     if not isinstance(pipe.scheduler, DDIMScheduler):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -248,6 +261,15 @@ def load_base(
     if digest:
         pipe._pfx_base_digest = digest
     return Base(spec, pipe, dev, torch_dtype, digest)
+
+
+def _single_file_error() -> type:
+    """diffusers' error for a checkpoint that lacks a component (not an OSError/ValueError)."""
+    try:
+        from diffusers.loaders.single_file_utils import SingleFileComponentError
+    except ImportError:  # pragma: no cover - other diffusers layouts
+        return OSError
+    return SingleFileComponentError
 
 
 def _dtype_kwarg() -> str:

@@ -241,3 +241,26 @@ def test_multi_token_superclass_refused_with_split(clean_base):
     with pytest.raises(BadInput) as e:
         check_superclass(tok, "teddy bear")
     assert "2 tokens" in str(e.value) and "teddy + bear" in str(e.value)
+
+
+def test_single_file_checkpoint_errors_say_what_to_do(tmp_path, monkeypatch):
+    """No SD1.5 weights exist here: the single-file path is checked up to where the weights are needed."""
+    from safetensors.torch import save_file
+
+    from perfusion_hub import bases
+    from perfusion_hub.bases import load_base, resolve_spec
+    from perfusion_hub.errors import BaseNotAvailable
+
+    monkeypatch.setattr(bases, "TOKENIZER_CACHE_IDS", (("pfx-test/not-in-any-cache", None),))
+    ckpt = tmp_path / "model.safetensors"
+    save_file({"not.a.unet": torch.zeros(2)}, str(ckpt))
+    assert resolve_spec(str(ckpt)).kind == "file"
+    with pytest.raises(BaseNotAvailable, match="--tokenizer"):
+        load_base(str(ckpt), device="cpu", offline=True)
+    tok = resolve_spec("tiny").location + "/tokenizer"
+    with pytest.raises(BaseNotAvailable, match="cannot load base"):
+        load_base(str(ckpt), device="cpu", tokenizer=tok, offline=True)
+    with pytest.raises(BaseNotAvailable, match="holds no CLIP tokenizer"):
+        load_base(str(ckpt), device="cpu", tokenizer=str(tmp_path), offline=True)
+    with pytest.raises(BaseNotAvailable, match="offline"):
+        load_base("someone/some-model", device="cpu", offline=True)
