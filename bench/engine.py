@@ -255,8 +255,6 @@ def main():
         save()
 
     if "compose" in stages:
-        import io
-
         from perfusion_hub.concept import concept_bytes, load_concept
         from perfusion_hub.loaders import runtime_of
 
@@ -280,7 +278,6 @@ def main():
             res["compose_ms"][str(n)] = round(1000 * statistics.median(times), 2)
             log("compose", n, res["compose_ms"][str(n)])
         unload_concepts(pipe)
-        del io
         save()
 
     if "fast" in stages:

@@ -216,7 +216,8 @@ def train(obj, photos, name, superclass, version_, base, steps, batch_size, micr
         raise UsageError(f"{name}@{version_} already exists; pass --version with a new version")
     from perfusion_hub.train import TrainConfig, train_concept
 
-    b = open_base(obj, base_value(obj, base), device=device, dtype=dtype, tokenizer=tokenizer)
+    value = base_value(obj, base)
+    b = open_base(obj, value, device=device, dtype=dtype, tokenizer=tokenizer)
     cov = base_covariance(obj, b, captions)
     work = home.root / "work"
     work.mkdir(exist_ok=True)
@@ -241,7 +242,7 @@ def train(obj, photos, name, superclass, version_, base, steps, batch_size, micr
             click.echo(f"training data-parallel on {devices} {'GPUs' if b.device.startswith('cuda') else 'CPU processes'}"
                        " (no progress bar)", err=True)
             summary = train_data_parallel(
-                devices, base_value(obj, base), covariance=cov, photos_dir=str(photos),
+                devices, value, covariance=cov, photos_dir=str(photos),
                 load_kwargs={"device": "cuda" if b.device.startswith("cuda") else "cpu", "dtype": dtype,
                              "tokenizer": tokenizer, "offline": obj.offline, "digest": b.digest}, **kwargs)
             result = SimpleNamespace(path=Path(summary["path"]), previews=[Path(p) for p in summary["previews"]],

@@ -46,6 +46,11 @@ class RenderResult:
         return paths
 
 
+def _known(rt) -> dict[str, tuple[str, str]]:
+    """Loaded concepts as parse_prompt wants them: name -> (token, superclass)."""
+    return {n: (s.token, s.metadata.get("superclass", "")) for n, s in rt.concepts.items()} if rt else {}
+
+
 def ensure_loaded(base, concepts: list[Concept], covariance: Covariance | None) -> None:
     rt = runtime_of(base.pipe)
     have = {n: s.metadata.get("file_digest") for n, s in rt.concepts.items()} if rt else {}
@@ -79,8 +84,7 @@ def render(
     pipe = base.pipe
     ensure_loaded(base, list(concepts), covariance)
     rt = runtime_of(pipe)
-    known = {n: (s.token, s.metadata.get("superclass", "")) for n, s in rt.concepts.items()} if rt else {}
-    parsed = parse_prompt(prompt, known, list(with_names))
+    parsed = parse_prompt(prompt, _known(rt), list(with_names))
     beta, tau = beta or {}, tau or {}
     unknown = sorted((set(beta) | set(tau)) - set(parsed.concepts))
     if unknown:
@@ -152,9 +156,7 @@ def beta_grid(base, prompt: str, betas: list[float], *, concepts, covariance, **
 
 def _used(base, prompt, with_names, concepts, covariance) -> list[str]:
     ensure_loaded(base, list(concepts), covariance)
-    rt = runtime_of(base.pipe)
-    known = {n: (s.token, s.metadata.get("superclass", "")) for n, s in rt.concepts.items()} if rt else {}
-    return parse_prompt(prompt, known, list(with_names)).concepts
+    return parse_prompt(prompt, _known(runtime_of(base.pipe)), list(with_names)).concepts
 
 
 def render_previews(base, concept: Concept, covariance: Covariance, stem: Path, *, count=2, steps=25, seed=0):
