@@ -1,7 +1,7 @@
 """Base models: resolve a `--base` value, load it as a diffusers pipeline, and give it a canonical digest.
 
 Accepted bases:
-  tiny                 the embedded test base (weights, configs and tokenizer ship in perfusion_hub/data/tiny)
+  toy                 the embedded test base (weights, configs and tokenizer ship in perfusion_hub/data/toy)
   a diffusers folder   anything with model_index.json
   a .safetensors file  a single-file SD1.x checkpoint; configs ship in perfusion_hub/data/sd15, the tokenizer
                        comes from --tokenizer or the Hugging Face cache
@@ -24,8 +24,8 @@ from pathlib import Path
 from perfusion_hub.errors import BadInput, BaseNotAvailable
 
 DATA = Path(__file__).parent / "data"
-EMBEDDED = {"tiny": DATA / "tiny"}
-DEFAULT_BASE = "tiny"
+EMBEDDED = {"toy": DATA / "toy"}
+DEFAULT_BASE = "toy"
 SD15_CONFIGS = DATA / "sd15"
 TOKENIZER_CACHE_IDS = (
     ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"),
@@ -255,12 +255,39 @@ def load_base(
     if not isinstance(pipe.scheduler, DDIMScheduler):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    settings = base_settings(spec)
+    pipe._pfx_gate_positions = settings.get("gate_positions", "all")
+    pipe._pfx_templates = settings.get("templates")
     if digest is None and load_dtype != torch_dtype:
         digest = compute_digest(pipe)
     pipe.to(dev, torch_dtype)
     if digest:
         pipe._pfx_base_digest = digest
     return Base(spec, pipe, dev, torch_dtype, digest)
+
+
+def base_settings(spec: BaseSpec) -> dict:
+    """A diffusers folder may carry pfx.json with Perfusion settings of that base: "gate_positions" ("all" or
+    "prompt", see processor.PerfusionRuntime) and "templates" (training prompts in the base's own caption
+    grammar, each with one {} for the concept token)."""
+    import json
+
+    path = Path(spec.location) / "pfx.json" if spec.kind in ("embedded", "dir") else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        out = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise BaseNotAvailable(f"cannot read {path}: {e}") from None
+    from perfusion_hub.processor import GATE_POSITIONS
+
+    if not isinstance(out, dict) or out.get("gate_positions", "all") not in GATE_POSITIONS:
+        raise BaseNotAvailable(f"{path}: gate_positions must be one of {', '.join(GATE_POSITIONS)}")
+    t = out.get("templates")
+    if t is not None and (not isinstance(t, list) or not t or not all(isinstance(x, str) and x.count("{}") == 1
+                                                                        for x in t)):
+        raise BaseNotAvailable(f"{path}: templates must be a list of prompts with one {{}} each")
+    return out
 
 
 def _single_file_error() -> type:

@@ -114,22 +114,27 @@ def edited_projection(
     targets: torch.Tensor,
     *,
     gate_override: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out(e) given base_out = W e (any dtype), w_u = W U [d, N] and targets o* [N, d] (fp32).
 
     Returns fp32; the caller casts to the module's dtype. `gate_override` ([N] or broadcastable) replaces
-    the computed gates, which the property tests use to force a gate fully open or shut.
+    the computed gates, which the property tests use to force a gate fully open or shut. `positions`
+    ([B, L, 1], 0 or 1) leaves the positions where it is 0 unedited (bases that edit only a prompt's own tokens).
     """
-    return edit_terms(base_out, e, basis.A, basis.G, basis.beta, basis.tau, w_u, targets, gate_override)
+    return edit_terms(base_out, e, basis.A, basis.G, basis.beta, basis.tau, w_u, targets, gate_override, positions)
 
 
-def edit_terms(base_out, e, a, g, beta, tau, w_u, targets, gate_override=None) -> torch.Tensor:
+def edit_terms(base_out, e, a, g, beta, tau, w_u, targets, gate_override=None, positions=None) -> torch.Tensor:
     """The same as edited_projection on plain tensors (what a compiled UNet traces without Python objects)."""
     e32 = e.to(g.dtype)
     coeff = e32 @ a  # [..., N]
     gate = torch.sigmoid((e32 @ g - beta) / tau) if gate_override is None else \
         gate_override.to(e32.dtype).expand_as(coeff)
-    return base_out.to(e32.dtype) - coeff @ w_u.T + gate @ targets
+    edit = gate @ targets - coeff @ w_u.T
+    if positions is not None:  # positions outside the prompt keep the base's output
+        edit = edit * positions
+    return base_out.to(e32.dtype) + edit
 
 
 def apply_edit(

@@ -81,10 +81,12 @@ def load_concepts(
         raise IncompatibleConcepts("the same concept name was given twice")
 
     if rt is None:
-        rt = PerfusionRuntime(pipe.unet, cov.matrix, exact=exact)
+        rt = PerfusionRuntime(pipe.unet, cov.matrix, exact=exact,
+                              gate_positions=getattr(pipe, "_pfx_gate_positions", "all"))
         rt.corpus_digest = next(iter(corpora))
+        rt.eos_id = pipe.tokenizer.eos_token_id
         pipe.unet._pfx_runtime = rt
-        rt.hook = pipe.text_encoder.register_forward_pre_hook(_observe(rt), with_kwargs=True)
+        rt.hook = pipe.text_encoder.register_forward_hook(_observe(rt), with_kwargs=True)
     replaced = [c.name for c in items if c.name in rt.concepts]
     if replaced:
         unload_concepts(pipe, replaced, _keep_runtime=True)
@@ -120,10 +122,10 @@ def add_tokens(pipe, tokens: list[str], embeddings: list[torch.Tensor]) -> list[
 
 
 def _observe(rt: PerfusionRuntime):
-    def hook(module, args, kwargs):
+    def hook(module, args, kwargs, output):
         ids = args[0] if args else kwargs.get("input_ids")
         if ids is not None:
-            rt.observe_tokens(ids)
+            rt.observe_tokens(ids, output[0])
 
     return hook
 

@@ -25,6 +25,16 @@ import torch.nn.functional as F
 from perfusion_hub.edit import Basis, edit_terms, edited_projection, inverse_and_root, make_basis
 from perfusion_hub.errors import IncompatibleConcepts
 
+GATE_POSITIONS = ("all", "prompt")
+
+
+def positions_from_ids(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """[B, L] float mask of token ids [B, L]: 1 on each prompt's start token, words and first end-of-text token."""
+    is_eos = (ids == eos_id)
+    is_eos[:, -1] = True  # a truncated prompt ends at the last position
+    first = is_eos.float().argmax(1)
+    return (torch.arange(ids.shape[1], device=ids.device)[None] <= first[:, None]).float()
+
 
 def cross_attention_modules(unet) -> dict[str, torch.nn.Module]:
     """attn2 module path -> module, in the UNet's module order."""
@@ -63,11 +73,25 @@ class ConceptState:
     beta: float
     tau: float
     metadata: dict[str, str] = field(default_factory=dict)
+    # the "trained keys" ablation only (bench/quality.py): attn2 path -> o*_K [d_l] instead of W_K i_super
+    key_targets: dict[str, torch.Tensor] | None = None
 
 
 class PerfusionRuntime:
-    def __init__(self, unet, covariance: torch.Tensor, *, exact: bool = True):
+    def __init__(self, unet, covariance: torch.Tensor, *, exact: bool = True, gate_positions: str = "all"):
+        if gate_positions not in GATE_POSITIONS:
+            raise ValueError(f"gate_positions must be one of {GATE_POSITIONS}")
         self.unet = unet
+        # "all": every one of the 77 positions may open a gate (the paper; spec section 2). "prompt": only the
+        # prompt's own tokens (start, words, first end-of-text), for bases whose padding encodings copy the
+        # last word (the embedded toy base): there the gates would open on ~70 padding positions.
+        self.gate_positions = gate_positions
+        # training sets [rows of the text encodings, L] to say which positions are the prompt's own; otherwise they
+        # are found from the text encoder's outputs (see positions)
+        self.position_mask: torch.Tensor | None = None
+        self._observed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (text encodings, their prompt positions)
+        self._auto_positions: tuple | None = None
+        self.eos_id: int | None = None  # the tokenizer's end-of-text id (set by load_concepts)
         self.layers = cross_attention_modules(unet)
         if not self.layers:
             raise IncompatibleConcepts("this UNet has no cross-attention modules to edit")
@@ -146,11 +170,15 @@ class PerfusionRuntime:
     def active(self) -> list[str]:
         return self._explicit if self._explicit is not None else self._seen
 
-    def observe_tokens(self, input_ids: torch.Tensor) -> None:
-        """Called before every text-encoder forward: remember which concept tokens the prompt holds."""
+    def observe_tokens(self, input_ids: torch.Tensor, encodings: torch.Tensor | None = None) -> None:
+        """Called after every text-encoder forward: remember which concept tokens the prompt holds (and, for
+        gate_positions "prompt", which positions of these encodings are the prompt's own)."""
         if self._unet_ran:
             self._seen = []
+            self._observed = []
             self._unet_ran = False
+        if encodings is not None and self.gate_positions == "prompt" and encodings.shape[:2] == input_ids.shape:
+            self._observed.append((encodings.detach(), positions_from_ids(input_ids, self.eos_id)))
         present = set(torch.unique(input_ids).tolist())
         for name, c in self.concepts.items():
             if c.token_id in present and name not in self._seen:
@@ -194,8 +222,12 @@ class PerfusionRuntime:
             return cached[1]
         wk = attn.to_k.weight.detach().float()
         wv = attn.to_v.weight.detach().float()
-        supers = torch.stack([self.concepts[n].superclass_input.detach().to(wk.device).float() for n in names])
+        cs = [self.concepts[n] for n in names]
+        supers = torch.stack([c.superclass_input.detach().to(wk.device).float() for c in cs])
         o_k = supers @ wk.T  # key-locking: o*_K = W_K i_super (frozen)
+        if any(c.key_targets is not None for c in cs):  # the trained-keys ablation
+            o_k = torch.stack([c.key_targets[path].to(wk.device).float() if c.key_targets is not None else o_k[i]
+                               for i, c in enumerate(cs)])
         o_v = torch.stack([self.concepts[n].value_targets[path].to(wk.device).float() for n in names])
         terms = (wk @ basis.U, wv @ basis.U, o_k, o_v)
         if not self.training:
@@ -214,12 +246,35 @@ class PerfusionRuntime:
             wk_u, wv_u, o_k, o_v = self.layer_terms(path, attn, names, b)
             self._frozen[path] = (b.A, b.G, b.beta, b.tau, wk_u, wv_u, o_k, o_v)
 
+    def positions(self, ehs: torch.Tensor) -> torch.Tensor | None:
+        """The [B, L, 1] gate mask for these encodings, or None (every position may open a gate).
+
+        position_mask when it fits (training); otherwise each row of `ehs` is found among the text encoder's
+        outputs since the last UNet run (pipelines only repeat and concatenate them, e.g. [negative, prompt]),
+        and a row not found may open gates everywhere."""
+        if self.gate_positions == "all":
+            return None
+        m = self.position_mask
+        if m is None or tuple(m.shape) != tuple(ehs.shape[:2]):
+            if self._auto_positions is not None and self._auto_positions[0] is ehs:
+                return self._auto_positions[1]
+            rows = []
+            for row in ehs:
+                found = next((pm[j] for enc, pm in self._observed for j in range(len(enc))
+                              if enc.shape[1:] == row.shape and torch.equal(enc[j].to(row.dtype), row)), None)
+                rows.append(found if found is not None else torch.ones(ehs.shape[1], device=ehs.device))
+            m = torch.stack(rows)
+            self._auto_positions = (ehs, m.to(ehs.device, torch.float32)[..., None])
+            return self._auto_positions[1]
+        return m.to(ehs.device, torch.float32)[..., None]
+
     def key_value(self, path: str, attn, ehs: torch.Tensor, names: list[str]):
         frozen = self._frozen.get(path) if self.training else None
         if frozen is not None:
             a, g, beta, tau, wk_u, wv_u, o_k, o_v = frozen
-            key = edit_terms(attn.to_k(ehs), ehs, a, g, beta, tau, wk_u, o_k).to(ehs.dtype)
-            value = edit_terms(attn.to_v(ehs), ehs, a, g, beta, tau, wv_u, o_v).to(ehs.dtype)
+            pos = self.positions(ehs)
+            key = edit_terms(attn.to_k(ehs), ehs, a, g, beta, tau, wk_u, o_k, None, pos).to(ehs.dtype)
+            value = edit_terms(attn.to_v(ehs), ehs, a, g, beta, tau, wv_u, o_v, None, pos).to(ehs.dtype)
             return key, value
         cacheable = not self.training and not torch.is_grad_enabled()
         if cacheable:
@@ -228,12 +283,14 @@ class PerfusionRuntime:
                 return hit[2], hit[3]
         basis = self.basis(names, ehs.device)
         wk_u, wv_u, o_k, o_v = self.layer_terms(path, attn, names, basis)
-        override = self.gate_override
+        override, pos = self.gate_override, self.positions(ehs)
         if self.global_lock and self.key_states is not None and self.key_states.shape == ehs.shape:
             key = attn.to_k(self.key_states)
         else:
-            key = edited_projection(attn.to_k(ehs), ehs, basis, wk_u, o_k, gate_override=override).to(ehs.dtype)
-        value = edited_projection(attn.to_v(ehs), ehs, basis, wv_u, o_v, gate_override=override).to(ehs.dtype)
+            key = edited_projection(attn.to_k(ehs), ehs, basis, wk_u, o_k, gate_override=override,
+                                    positions=pos).to(ehs.dtype)
+        value = edited_projection(attn.to_v(ehs), ehs, basis, wv_u, o_v, gate_override=override,
+                                  positions=pos).to(ehs.dtype)
         if cacheable:
             self._kv_cache[path] = (ehs, (self.version, tuple(names)), key, value)
         return key, value

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from perfusion_hub.covariance import Covariance
 from perfusion_hub.errors import BadInput
 from perfusion_hub.loaders import add_tokens
 from perfusion_hub.photos import load_photos
-from perfusion_hub.processor import ConceptState, PerfusionRuntime
+from perfusion_hub.processor import ConceptState, PerfusionRuntime, positions_from_ids
 
 TEMPLATES = (
     "a photo of a {}",
@@ -60,7 +60,16 @@ class TrainConfig:
     checkpoint_every: int = 50
     previews: int = 2
     preview_steps: int = 25
-    templates: tuple[str, ...] = TEMPLATES
+    templates: tuple[str, ...] | None = None  # None: the base's own (pfx.json "templates"), else TEMPLATES
+    # Ablations measured by bench/quality.py (same loop, same budget); only "perfusion" writes a concept file:
+    #   "trained_keys":   key targets o*_K trained like the values instead of locked to W_K i_super;
+    #   "embedding_only": Textual-Inversion style, the token embedding alone, no edit;
+    #   "full_kv":        Custom-Diffusion style, the embedding plus every attn2 to_k/to_v weight, no edit.
+    method: str = "perfusion"
+    lr_kv: float = 2e-4  # full_kv: learning rate of the K/V weights
+
+
+METHODS = ("perfusion", "trained_keys", "embedding_only", "full_kv")
 
 
 @dataclass
@@ -71,6 +80,7 @@ class TrainResult:
     losses: list[float]
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # ablations: trained keys or K/V weights
 
 
 def check_superclass(tokenizer, superclass: str) -> int:
@@ -172,6 +182,8 @@ def train_concept(
     cfg = config or TrainConfig()
     t0 = time.perf_counter()
     pipe = base.pipe
+    if cfg.templates is None:
+        cfg = replace(cfg, templates=tuple(getattr(pipe, "_pfx_templates", None) or TEMPLATES))
     tok, te, unet, vae, sched = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, pipe.scheduler
     device, dtype = torch.device(base.device), base.dtype
     warnings_seen: list[str] = []
@@ -209,6 +221,7 @@ def train_concept(
     emb_init = te.get_input_embeddings().weight[super_id].detach().float().clone()
     add_tokens(pipe, [trigger], [emb_init])
     rt = hook = None
+    kv_saved, extra = {}, {}
     try:
         token_id = tok.convert_tokens_to_ids(trigger)
         template_ids = _tokenize(tok, [t.format(trigger) for t in cfg.templates], device)
@@ -216,25 +229,44 @@ def train_concept(
         rows = torch.arange(len(cfg.templates), device=device)
         idx_plan, tpl_plan, ts_plan = (plan[k].to(device) for k in ("image", "template", "timestep"))
 
-        rt = PerfusionRuntime(unet, covariance.matrix)
+        if cfg.method not in METHODS:
+            raise BadInput(f"unknown training method {cfg.method!r}; one of {', '.join(METHODS)}")
+        rt = PerfusionRuntime(unet, covariance.matrix, gate_positions=getattr(pipe, "_pfx_gate_positions", "all"))
+        pos_all = positions_from_ids(template_ids, tok.eos_token_id)  # [templates, L]
+        pos_buffers: dict[int, torch.Tensor] = {}  # one per micro-batch size: a compiled UNet sees one tensor
         layers = rt.layers
         values = {p: torch.nn.Parameter(a.to_v.weight.detach().float() @ i_super) for p, a in layers.items()}
         embedding = torch.nn.Parameter(emb_init.to(device))
         state = ConceptState(name, trigger, token_id, i_super.clone(), i_super.clone(), values, cfg.train_beta,
                              cfg.train_tau)
-        rt.add(state)
-        rt.training = True
-        rt.install()
-        rt.activate([name])
+        groups = [{"params": [embedding], "lr": cfg.lr_embedding}]
+        if cfg.method in ("perfusion", "trained_keys"):
+            groups.append({"params": list(values.values()), "lr": cfg.lr_values})
+            if cfg.method == "trained_keys":
+                state.key_targets = {p: torch.nn.Parameter(a.to_k.weight.detach().float() @ i_super)
+                                     for p, a in layers.items()}
+                groups.append({"params": list(state.key_targets.values()), "lr": cfg.lr_values})
+            rt.add(state)
+            rt.training = True
+            rt.install()
+            rt.activate([name])
+        else:
+            if cfg.method == "full_kv":
+                kv_saved = {f"{p}.{w}": getattr(a, w).weight.detach().clone() for p, a in layers.items()
+                            for w in ("to_k", "to_v")}
+                kv = [getattr(a, w).weight for a in layers.values() for w in ("to_k", "to_v")]
+                for w in kv:
+                    w.requires_grad_(True)
+                groups.append({"params": kv, "lr": cfg.lr_kv})
+            rt = None
         hook = _EmbeddingOverride(te.get_input_embeddings(), token_id, embedding)
-        opt = torch.optim.AdamW(
-            [{"params": list(values.values()), "lr": cfg.lr_values}, {"params": [embedding], "lr": cfg.lr_embedding}],
-            weight_decay=cfg.weight_decay, fused=device.type == "cuda",
-        )
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
         gen = torch.Generator(device).manual_seed(cfg.seed)  # noise, drawn where it is used
         step, losses = 0, []
         ckpt_meta = _checkpoint_meta(name, superclass, photos, cfg, base_digest)
         ckpt = Path(checkpoint_path) if checkpoint_path else None
+        if ckpt and cfg.method != "perfusion":
+            raise BadInput("checkpoints are only kept for the perfusion method")
         if resume and ckpt and ckpt.exists():
             step, losses = _load_checkpoint(ckpt, ckpt_meta, values, embedding, state, opt, gen)
         unet_fn = unet
@@ -257,7 +289,7 @@ def train_concept(
         if cfg.batch_size % world:
             raise BadInput(f"batch size {cfg.batch_size} does not split evenly over {world} devices")
         share = cfg.batch_size // world  # this process's samples of every step: [rank*share, (rank+1)*share)
-        params = list(values.values()) + [embedding]
+        params = [p for g in groups for p in g["params"]]
         while step < cfg.steps:
             opt.zero_grad(set_to_none=True)
             concept_enc = torch.zeros(te.config.hidden_size, dtype=torch.float32, device=device)
@@ -274,7 +306,12 @@ def train_concept(
                 with torch.no_grad():
                     at_token = enc_all.detach().float()[rows, positions]  # [templates, D]
                     concept_enc += at_token[tpl].sum(0)
-                rt.freeze_terms([name], device)
+                if rt is not None:
+                    rt.freeze_terms([name], device)
+                    if rt.gate_positions == "prompt":
+                        buf = pos_buffers.setdefault(b, torch.empty(b, pos_all.shape[1], device=device))
+                        buf.copy_(pos_all[tpl])
+                        rt.position_mask = buf
                 noise, eps = noise_all[sl], eps_all[sl]
                 latents = mean[idx] + std[idx] * eps
                 noisy = sched.add_noise(latents, noise, timesteps).to(dtype)
@@ -294,7 +331,8 @@ def train_concept(
             opt.step()
             with torch.no_grad():
                 state.target_input = cfg.ema * state.target_input + (1 - cfg.ema) * concept_enc / cfg.batch_size
-            rt.touch()
+            if rt is not None:
+                rt.touch()
             step += 1
             pending.append(step_loss)
             if len(pending) >= report_every or step == cfg.steps:
@@ -307,7 +345,17 @@ def train_concept(
             hook.remove()
         if rt is not None:
             rt.uninstall()
+        if kv_saved:  # full_kv: keep what was learned, give the base its weights back
+            with torch.no_grad():
+                for k, w in kv_saved.items():
+                    path, which = k.rsplit(".", 1)
+                    m = getattr(layers[path], which)
+                    extra[k] = m.weight.detach().float().cpu().clone()
+                    m.weight.copy_(w)
+                    m.weight.requires_grad_(False)
         pipe.unload_textual_inversion(trigger)
+    if cfg.method == "trained_keys":
+        extra = {f"{p}.key_target": v.detach().float().cpu() for p, v in state.key_targets.items()}
 
     concept = Concept(
         metadata=_concept_metadata(name, version, superclass, trigger, base, covariance, cfg, photos, license,
@@ -320,6 +368,15 @@ def train_concept(
     out = Path(out_path)
     if _world()[1] != 0:  # data-parallel: every process holds the same concept; the first one writes
         return TrainResult(concept, out, [], losses, time.perf_counter() - t0, warnings_seen)
+    if cfg.method != "perfusion":  # an ablation: every learned tensor, to measure what it would weigh
+        from safetensors.torch import save
+
+        learned = {"token_embedding": concept.token_embedding, **extra}
+        if cfg.method == "trained_keys":
+            learned.update({f"{p}.value_target": v for p, v in concept.value_targets.items()},
+                           target_input=concept.target_input, superclass_input=concept.superclass_input)
+        atomic_write_bytes(out, save({k: v.contiguous() for k, v in learned.items()}))
+        return TrainResult(concept, out, [], losses, time.perf_counter() - t0, warnings_seen, extra)
     save_concept(concept, out)
     if ckpt and ckpt.exists():
         ckpt.unlink()

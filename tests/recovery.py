@@ -102,7 +102,7 @@ def run(base, cov, workdir: Path, *, superclass="cat", strength=4.0, train_image
     teacher, d = teacher_concept(base, cov, superclass, strength=strength, seed=seed + 1)
     train_dir = render_set(base, cov, teacher, workdir / "train", range(train_images), render_steps, guidance)
     held_dir = render_set(base, cov, teacher, workdir / "heldout", range(1000, 1000 + heldout), render_steps, guidance)
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, previews=0, seed=seed, flip=False)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, previews=0, seed=seed, flip=False, templates=TEMPLATES)
     student = train_concept(base, train_dir, name="student", superclass=superclass, covariance=cov,
                             out_path=workdir / "student.safetensors", config=cfg).concept
     untrained = train_concept(base, train_dir, name="student", superclass=superclass, covariance=cov,

@@ -1,4 +1,4 @@
-"""Engine properties on the embedded tiny base (spec/perfusion.md section 8) and the loader API."""
+"""Engine properties on the embedded toy base (spec/perfusion.md section 8) and the loader API."""
 
 import numpy as np
 import pytest
@@ -32,13 +32,13 @@ def _pixels(img):
     return np.asarray(img, dtype=np.uint8)
 
 
-def test_prompt_without_concepts_is_bit_identical_with_concepts_loaded(clean_base, tiny_cov):
+def test_prompt_without_concepts_is_bit_identical_with_concepts_loaded(clean_base, toy_cov):
     base = clean_base
     originals = {p: type(m.processor) for p, m in cross_attention_modules(base.pipe.unet).items()}
     plain = _pixels(render(base, PROMPT, steps=3, seed=3).images[0])
-    cat = synthetic_concept(base, tiny_cov, "cat-mittens", "cat", seed=1)
-    chair = synthetic_concept(base, tiny_cov, "chair-eames", "chair", seed=2)
-    load_concepts(base.pipe, [cat, chair], covariance=tiny_cov)
+    cat = synthetic_concept(base, toy_cov, "cat-mittens", "cat", seed=1)
+    chair = synthetic_concept(base, toy_cov, "chair-eames", "chair", seed=2)
+    load_concepts(base.pipe, [cat, chair], covariance=toy_cov)
     assert all(isinstance(m.processor, PerfusionAttnProcessor) for m in cross_attention_modules(base.pipe.unet).values())
     loaded = _pixels(render(base, PROMPT, steps=3, seed=3).images[0])
     direct = base.pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(3),
@@ -53,27 +53,27 @@ def test_prompt_without_concepts_is_bit_identical_with_concepts_loaded(clean_bas
     assert np.array_equal(plain, _pixels(render(base, PROMPT, steps=3, seed=3).images[0]))
 
 
-def test_self_attention_is_never_replaced(clean_base, tiny_cov):
+def test_self_attention_is_never_replaced(clean_base, toy_cov):
     base = clean_base
     before = {n: p for n, p in base.pipe.unet.attn_processors.items() if ".attn1." in n}
-    load_concepts(base.pipe, [synthetic_concept(base, tiny_cov, "cat-mittens", "cat")], covariance=tiny_cov)
+    load_concepts(base.pipe, [synthetic_concept(base, toy_cov, "cat-mittens", "cat")], covariance=toy_cov)
     after = {n: p for n, p in base.pipe.unet.attn_processors.items() if ".attn1." in n}
     assert before == after
 
 
-def test_plain_pipeline_call_detects_concepts_from_tokens(clean_base, tiny_cov):
+def test_plain_pipeline_call_detects_concepts_from_tokens(clean_base, toy_cov):
     base = clean_base
-    load_concepts(base.pipe, [synthetic_concept(base, tiny_cov, "cat-mittens", "cat", seed=4)], covariance=tiny_cov)
+    load_concepts(base.pipe, [synthetic_concept(base, toy_cov, "cat-mittens", "cat", seed=4)], covariance=toy_cov)
     via_render = _pixels(render(base, "a photo of <cat-mittens>", steps=3, seed=5).images[0])
     direct = base.pipe("a photo of <cat-mittens>", num_inference_steps=3, generator=torch.Generator().manual_seed(5),
                        height=64, width=64).images[0]
     assert np.array_equal(via_render, _pixels(direct))
 
 
-def test_key_lock_and_shut_gate_on_every_layer(clean_base, tiny_cov):
+def test_key_lock_and_shut_gate_on_every_layer(clean_base, toy_cov):
     base = clean_base
-    c = synthetic_concept(base, tiny_cov, "cat-mittens", "cat", seed=6)
-    load_concepts(base.pipe, [c], covariance=tiny_cov)
+    c = synthetic_concept(base, toy_cov, "cat-mittens", "cat", seed=6)
+    load_concepts(base.pipe, [c], covariance=toy_cov)
     rt = runtime_of(base.pipe)
     dim = c.target_input.shape[0]
     e_star = c.target_input.expand(1, 77, dim).clone()
@@ -97,9 +97,9 @@ def test_key_lock_and_shut_gate_on_every_layer(clean_base, tiny_cov):
         rt.gate_override = None
 
 
-def test_text_kv_computed_once_per_prompt(clean_base, tiny_cov, monkeypatch):
+def test_text_kv_computed_once_per_prompt(clean_base, toy_cov, monkeypatch):
     base = clean_base
-    load_concepts(base.pipe, [synthetic_concept(base, tiny_cov, "cat-mittens", "cat")], covariance=tiny_cov)
+    load_concepts(base.pipe, [synthetic_concept(base, toy_cov, "cat-mittens", "cat")], covariance=toy_cov)
     calls = []
     real = processor_mod.edited_projection
     monkeypatch.setattr(processor_mod, "edited_projection", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -108,9 +108,9 @@ def test_text_kv_computed_once_per_prompt(clean_base, tiny_cov, monkeypatch):
     assert len(calls) == 2 * layers  # K and V once per layer for the whole 4-step render
 
 
-def test_gate_parameters_change_the_image_and_can_be_reset(clean_base, tiny_cov):
+def test_gate_parameters_change_the_image_and_can_be_reset(clean_base, toy_cov):
     base = clean_base
-    load_concepts(base.pipe, [synthetic_concept(base, tiny_cov, "cat-mittens", "cat", scale=3.0)], covariance=tiny_cov)
+    load_concepts(base.pipe, [synthetic_concept(base, toy_cov, "cat-mittens", "cat", scale=3.0)], covariance=toy_cov)
     p = "a photo of <cat-mittens>"
     default = _pixels(render(base, p, steps=3).images[0])
     strong = _pixels(render(base, p, steps=3, beta={"cat-mittens": 0.3}).images[0])
@@ -121,18 +121,18 @@ def test_gate_parameters_change_the_image_and_can_be_reset(clean_base, tiny_cov)
                                                     generator=torch.Generator().manual_seed(0)).images[0]))
 
 
-def test_global_lock_differs_from_local_and_leaves_plain_prompts_alone(clean_base, tiny_cov):
+def test_global_lock_differs_from_local_and_leaves_plain_prompts_alone(clean_base, toy_cov):
     base = clean_base
-    c = synthetic_concept(base, tiny_cov, "cat-mittens", "cat", seed=8, scale=2.0)
+    c = synthetic_concept(base, toy_cov, "cat-mittens", "cat", seed=8, scale=2.0)
     p = "a photo of <cat-mittens> on a chair"
-    local = _pixels(render(base, p, concepts=[c], covariance=tiny_cov, steps=3).images[0])
-    glob = _pixels(render(base, p, concepts=[c], covariance=tiny_cov, steps=3, global_lock=True).images[0])
+    local = _pixels(render(base, p, concepts=[c], covariance=toy_cov, steps=3).images[0])
+    glob = _pixels(render(base, p, concepts=[c], covariance=toy_cov, steps=3, global_lock=True).images[0])
     assert not np.array_equal(local, glob)
     assert runtime_of(base.pipe).key_states is None
 
 
-def test_save_load_round_trip_is_exact(clean_base, tiny_cov, tmp_path):
-    c = synthetic_concept(clean_base, tiny_cov, "cat-mittens", "cat", seed=9)
+def test_save_load_round_trip_is_exact(clean_base, toy_cov, tmp_path):
+    c = synthetic_concept(clean_base, toy_cov, "cat-mittens", "cat", seed=9)
     path = save_concept(c, tmp_path / "c.safetensors")
     back = load_concept(path)
     assert back.metadata == c.metadata
@@ -143,61 +143,61 @@ def test_save_load_round_trip_is_exact(clean_base, tiny_cov, tmp_path):
     torch.testing.assert_close(half.target_input, c.target_input, rtol=1e-3, atol=1e-3)
 
 
-def test_concept_for_another_base_is_refused_naming_both(clean_base, tiny_cov):
+def test_concept_for_another_base_is_refused_naming_both(clean_base, toy_cov):
     base = clean_base
-    c = synthetic_concept(base, tiny_cov, "cat-mittens", "cat")
+    c = synthetic_concept(base, toy_cov, "cat-mittens", "cat")
     c.metadata["base_name"] = "sd15"
     c.metadata["base_digest"] = "sha256:" + "ab" * 32
     with pytest.raises(ConceptMismatchError) as e:
-        load_concepts(base.pipe, [c], covariance=tiny_cov, base_name="tiny")
+        load_concepts(base.pipe, [c], covariance=toy_cov, base_name="toy")
     msg = str(e.value)
-    assert "sd15" in msg and "sha256:abab" in msg and "tiny" in msg and base.digest[:19] in msg
+    assert "sd15" in msg and "sha256:abab" in msg and "toy" in msg and base.digest[:19] in msg
     assert loaded_concepts(base.pipe) == [] and "<cat-mittens>" not in base.pipe.tokenizer.get_vocab()
     # declared compatible: accepted
-    load_concepts(base.pipe, [c], covariance=tiny_cov, compatible_bases=["sha256:" + "ab" * 32])
+    load_concepts(base.pipe, [c], covariance=toy_cov, compatible_bases=["sha256:" + "ab" * 32])
     assert loaded_concepts(base.pipe) == ["cat-mittens"]
 
 
-def test_wrong_shapes_and_corpus_refused(clean_base, tiny_cov):
+def test_wrong_shapes_and_corpus_refused(clean_base, toy_cov):
     base = clean_base
-    c = synthetic_concept(base, tiny_cov, "cat-mittens", "cat")
+    c = synthetic_concept(base, toy_cov, "cat-mittens", "cat")
     path = next(iter(c.value_targets))
     c.value_targets[path] = c.value_targets[path][:-1]
     with pytest.raises(ConceptMismatchError, match=path.replace(".", r"\.")):
-        load_concepts(base.pipe, [c], covariance=tiny_cov)
-    other = synthetic_concept(base, tiny_cov, "chair-eames", "chair")
+        load_concepts(base.pipe, [c], covariance=toy_cov)
+    other = synthetic_concept(base, toy_cov, "chair-eames", "chair")
     other.metadata["corpus_digest"] = "sha256:" + "cd" * 32
     with pytest.raises(IncompatibleConcepts, match="corpora"):
-        load_concepts(base.pipe, [synthetic_concept(base, tiny_cov, "cat-mittens", "cat"), other],
-                      covariance=tiny_cov)
+        load_concepts(base.pipe, [synthetic_concept(base, toy_cov, "cat-mittens", "cat"), other],
+                      covariance=toy_cov)
     assert loaded_concepts(base.pipe) == []
 
 
-def test_dependent_concepts_refused(clean_base, tiny_cov):
+def test_dependent_concepts_refused(clean_base, toy_cov):
     base = clean_base
-    a = synthetic_concept(base, tiny_cov, "cat-a", "cat", seed=1)
-    b = synthetic_concept(base, tiny_cov, "cat-b", "cat", seed=2)
+    a = synthetic_concept(base, toy_cov, "cat-a", "cat", seed=1)
+    b = synthetic_concept(base, toy_cov, "cat-b", "cat", seed=2)
     b.target_input = a.target_input * 1.5
-    load_concepts(base.pipe, [a, b], covariance=tiny_cov)
+    load_concepts(base.pipe, [a, b], covariance=toy_cov)
     with pytest.raises(IncompatibleConcepts, match="dependent"):
         render(base, "<cat-a> and <cat-b>", steps=2)
 
 
-def test_unload_one_of_two_keeps_the_other_working(clean_base, tiny_cov):
+def test_unload_one_of_two_keeps_the_other_working(clean_base, toy_cov):
     base = clean_base
-    cat = synthetic_concept(base, tiny_cov, "cat-mittens", "cat", seed=1)
-    chair = synthetic_concept(base, tiny_cov, "chair-eames", "chair", seed=2)
-    load_concepts(base.pipe, [chair], covariance=tiny_cov)
+    cat = synthetic_concept(base, toy_cov, "cat-mittens", "cat", seed=1)
+    chair = synthetic_concept(base, toy_cov, "chair-eames", "chair", seed=2)
+    load_concepts(base.pipe, [chair], covariance=toy_cov)
     alone = _pixels(render(base, "a photo of <chair-eames>", steps=3).images[0])
-    load_concepts(base.pipe, [cat], covariance=tiny_cov)
+    load_concepts(base.pipe, [cat], covariance=toy_cov)
     unload_concepts(base.pipe, ["cat-mittens"])
     assert loaded_concepts(base.pipe) == ["chair-eames"]
     assert np.array_equal(alone, _pixels(render(base, "a photo of <chair-eames>", steps=3).images[0]))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "header", "size", "nan"])
-def test_corrupt_concept_refused_before_any_tensor_is_used(clean_base, tiny_cov, damage, monkeypatch):
-    data = bytearray(concept_bytes(synthetic_concept(clean_base, tiny_cov, "cat-mittens", "cat")))
+def test_corrupt_concept_refused_before_any_tensor_is_used(clean_base, toy_cov, damage, monkeypatch):
+    data = bytearray(concept_bytes(synthetic_concept(clean_base, toy_cov, "cat-mittens", "cat")))
     if damage == "truncate":
         data = data[: len(data) - 7]
     elif damage == "header":
@@ -217,19 +217,19 @@ def test_corrupt_concept_refused_before_any_tensor_is_used(clean_base, tiny_cov,
         load_concept(bytes(data))
     assert not used
     with pytest.raises(ConceptFormatError):
-        load_concepts(clean_base.pipe, [bytes(data)], covariance=tiny_cov)
+        load_concepts(clean_base.pipe, [bytes(data)], covariance=toy_cov)
     assert loaded_concepts(clean_base.pipe) == []
 
 
-def test_header_readable_without_torch(tmp_path, clean_base, tiny_cov):
+def test_header_readable_without_torch(tmp_path, clean_base, toy_cov):
     import subprocess
     import sys
 
-    path = save_concept(synthetic_concept(clean_base, tiny_cov, "cat-mittens", "cat"), tmp_path / "c.safetensors")
+    path = save_concept(synthetic_concept(clean_base, toy_cov, "cat-mittens", "cat"), tmp_path / "c.safetensors")
     code = ("import sys; from perfusion_hub.concept import read_header; h = read_header(sys.argv[1]); "
             "print(h.name, h.dim, len(h.layers)); assert 'torch' not in sys.modules")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["cat-mittens", "64", "7"]
+    assert out.stdout.split() == ["cat-mittens", "128", "7"]
     assert read_header_bytes(path.read_bytes()).trigger == "<cat-mittens>"
 
 
@@ -257,10 +257,48 @@ def test_single_file_checkpoint_errors_say_what_to_do(tmp_path, monkeypatch):
     assert resolve_spec(str(ckpt)).kind == "file"
     with pytest.raises(BaseNotAvailable, match="--tokenizer"):
         load_base(str(ckpt), device="cpu", offline=True)
-    tok = resolve_spec("tiny").location + "/tokenizer"
+    tok = resolve_spec("toy").location + "/tokenizer"
     with pytest.raises(BaseNotAvailable, match="cannot load base"):
         load_base(str(ckpt), device="cpu", tokenizer=tok, offline=True)
     with pytest.raises(BaseNotAvailable, match="holds no CLIP tokenizer"):
         load_base(str(ckpt), device="cpu", tokenizer=str(tmp_path), offline=True)
     with pytest.raises(BaseNotAvailable, match="offline"):
         load_base("someone/some-model", device="cpu", offline=True)
+
+
+def test_toy_base_edits_only_the_prompts_own_positions(clean_base, toy_cov):
+    """The toy base declares gate_positions "prompt" (data/toy/pfx.json): K/V at padding positions stay the
+    base's, the concept token's change; a runtime gating every position (the paper's rule) would also edit
+    the padding, whose encodings copy the concept token in this small text encoder."""
+    from perfusion_hub.processor import PerfusionRuntime, positions_from_ids
+
+    base = clean_base
+    assert base.pipe._pfx_gate_positions == "prompt"
+    c = synthetic_concept(base, toy_cov, "cat-mittens", "cat", seed=6, scale=3.0, target_shift=0.0)
+    load_concepts(base.pipe, [c], covariance=toy_cov)
+    rt = runtime_of(base.pipe)
+    assert rt.gate_positions == "prompt"
+    tok, te = base.pipe.tokenizer, base.pipe.text_encoder
+    ids = tok(["a photo of a <cat-mittens>"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    pos = positions_from_ids(ids, tok.eos_token_id)
+    n = int(pos.sum())
+    assert n == 7 and ids[0, n - 1] == tok.eos_token_id  # start, 5 words, end-of-text
+    with torch.no_grad():
+        ehs = te(ids)[0]
+    path, attn = next(iter(cross_attention_modules(base.pipe.unet).items()))
+    rt.activate(["cat-mittens"])
+    rt.position_mask = pos
+    with torch.no_grad():
+        k, v = rt.key_value(path, attn, ehs, ["cat-mittens"])
+        k0, v0 = attn.to_k(ehs), attn.to_v(ehs)
+    assert torch.equal(k[0, n:], k0[0, n:]) and torch.equal(v[0, n:], v0[0, n:])
+    concept_at = int((ids[0] == tok.convert_tokens_to_ids("<cat-mittens>")).nonzero())
+    assert not torch.allclose(v[0, concept_at], v0[0, concept_at], atol=1e-3)
+    every = PerfusionRuntime(base.pipe.unet, toy_cov.matrix)  # the paper's rule: all 77 positions
+    every.add(rt.concepts["cat-mittens"])
+    with torch.no_grad():
+        _, v_all = every.key_value(path, attn, ehs, ["cat-mittens"])
+    assert not torch.allclose(v_all[0, n:], v0[0, n:], atol=1e-3)
+    rt.activate(None)
+    rt.position_mask = None
+    unload_concepts(base.pipe)
