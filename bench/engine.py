@@ -13,7 +13,7 @@ Builds the SD1.5 architecture from the shipped configs (perfusion_hub/data/sd15)
 Results go to bench/results/engine-<device>-<date>.json, written after every stage.
 
   python bench/engine.py                # the GPU run
-  python bench/engine.py --tiny         # a CPU smoke run of the same code on the tiny configs
+  python bench/engine.py --toy         # a CPU smoke run of the same code on the toy configs
 """
 
 from __future__ import annotations
@@ -47,15 +47,15 @@ def sync():
         torch.cuda.synchronize()
 
 
-def build_base(tiny: bool, device: str, dtype):
+def build_base(toy: bool, device: str, dtype):
     """A Base around a random-weight pipeline built from shipped configs (PFX_BENCH_CONFIGS overrides)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from perfusion_hub.bases import Base, BaseSpec
 
-    cfg_dir = Path(os.environ.get("PFX_BENCH_CONFIGS") or DATA / ("tiny" if tiny else "sd15"))
-    tok = CLIPTokenizer.from_pretrained(str(DATA / "tiny" / "tokenizer"))
+    cfg_dir = Path(os.environ.get("PFX_BENCH_CONFIGS") or DATA / ("toy" if toy else "sd15"))
+    tok = CLIPTokenizer.from_pretrained(str(DATA / "toy" / "tokenizer"))
     load = lambda sub: json.loads((cfg_dir / sub / "config.json").read_text())
     torch.manual_seed(0)
     with torch.device(device):
@@ -71,7 +71,7 @@ def build_base(tiny: bool, device: str, dtype):
                                    requires_safety_checker=False)
     pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
-    return Base(BaseSpec("embedded", str(cfg_dir), "sd15-random" if not tiny else "tiny-random"), pipe, device, dtype)
+    return Base(BaseSpec("embedded", str(cfg_dir), "sd15-random" if not toy else "toy-random"), pipe, device, dtype)
 
 
 def synthetic_concepts(base, cov, n: int, seed: int = 0):
@@ -134,7 +134,7 @@ def cold_train(args) -> dict:
     """The training run of a fresh process: base construction, first compile, training, saving."""
     code = ("import sys, json; sys.argv=['engine.py'] + json.loads(sys.argv[1]); "
             "sys.path.insert(0, 'bench'); import engine; engine.cold_child()")
-    extra = ["--tiny"] if args.tiny else []
+    extra = ["--toy"] if args.toy else []
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(extra + ["--steps", str(args.steps)])],
                           capture_output=True, text=True, check=False)
@@ -152,7 +152,7 @@ def cold_child():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     t0 = time.perf_counter()
-    base = build_base(args.tiny, device, dtype)
+    base = build_base(args.toy, device, dtype)
     cov = covariance(base, 512)
     with tempfile.TemporaryDirectory() as tmp:
         photos = make_photos(Path(tmp) / "photos", 8, base.resolution)
@@ -172,7 +172,7 @@ def covariance(base, n: int):
 
 def parse():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run on the tiny configs")
+    ap.add_argument("--toy", action="store_true", help="CPU smoke run on the toy configs")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--steps", type=int, default=400, help="training steps (default recipe: 400)")
     ap.add_argument("--render-steps", type=int, default=50)
@@ -189,17 +189,17 @@ def main():
 
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     short = "h100" if "H100" in name else ("h200" if "H200" in name else name.split()[0].lower())
-    out_path = Path(args.out) / f"engine-{short}{'-tiny' if args.tiny else ''}-{date.today().isoformat()}.json"
+    out_path = Path(args.out) / f"engine-{short}{'-toy' if args.toy else ''}-{date.today().isoformat()}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     res = {"device": name, "torch": torch.__version__, "diffusers": diffusers.__version__,
-           "date": date.today().isoformat(), "arch": "tiny" if args.tiny else "sd15 (random weights)",
+           "date": date.today().isoformat(), "arch": "toy" if args.toy else "sd15 (random weights)",
            "render_steps": args.render_steps, "repeats": args.repeats}
 
     def save():
         out_path.write_text(json.dumps(res, indent=2))
 
     render_dtype = torch.float16 if device == "cuda" else torch.float32
-    base = build_base(args.tiny, device, render_dtype)
+    base = build_base(args.toy, device, render_dtype)
     from perfusion_hub.loaders import load_concepts, unload_concepts
     from perfusion_hub.render import render
 
@@ -311,7 +311,7 @@ def main():
         del pipe, base
         torch.cuda.empty_cache() if device == "cuda" else None
         tdtype = torch.bfloat16 if device == "cuda" else torch.float32
-        tbase = build_base(args.tiny, device, tdtype)
+        tbase = build_base(args.toy, device, tdtype)
         tcov = covariance(tbase, 512)
         with tempfile.TemporaryDirectory() as tmp:
             photos = make_photos(Path(tmp) / "photos", 8, tbase.resolution)

@@ -171,12 +171,12 @@ def main() -> None:
             record("kill9_gc", lambda: k(run_gc_kills, tmp / "kg", seeds=range(300, 300 + n(10, s))))
 
         if "train" in areas:
-            from tests.test_crash import TINY, run_train_kill
+            from tests.test_crash import TOY, run_train_kill
 
             def train_kills():
                 tot = {"kill_points": 0, "checkpoint_steps": [], "problems": []}
-                if not (TINY / "unet").is_dir():
-                    return {**tot, "skipped": "tiny base not built"}
+                if not (TOY / "unet").is_dir():
+                    return {**tot, "skipped": "toy base not built"}
                 for seed in range(n(3, s)):
                     r = run_train_kill(tmp / f"kt{seed}", seed=400 + seed)
                     tot["kill_points"] += r["kill_points"]
@@ -193,9 +193,9 @@ def main() -> None:
                 tot = {"concurrent_processes": 8, "operations": 0, "by_op": {}, "lost": 0, "renders_ok": 0,
                        "problems": []}
                 render = None
-                from tests.test_crash import TINY
+                from tests.test_crash import TOY
 
-                if (TINY / "unet").is_dir():
+                if (TOY / "unet").is_dir():
                     import torch
 
                     from perfusion_hub.bases import load_base
@@ -203,7 +203,7 @@ def main() -> None:
                     from tests.test_concurrency import _render_concept
 
                     torch.set_num_threads(2)
-                    base = load_base("tiny", device="cpu", dtype="fp32")
+                    base = load_base("toy", device="cpu", dtype="fp32")
                     render = (base, packaged_covariance(base))
                 for seed in range(n(3, s)):
                     d = tmp / f"mix{seed}"

@@ -277,7 +277,7 @@ def _exact(name, version):
 @click.option("--with", "with_names", multiple=True, help="Bind NAME to its superclass word in the prompt.")
 @click.option("--base", help="Base model (default: PFX_BASE, config, else the embedded base).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--steps", type=click.IntRange(1, 1000), help="Denoising steps (default 25 tiny, 50 otherwise).")
+@click.option("--steps", type=click.IntRange(1, 1000), help="Denoising steps (default 25 toy, 50 otherwise).")
 @click.option("--guidance", type=float, default=7.5, show_default=True)
 @click.option("--beta", multiple=True, help="NAME=VALUE gate bias (lower: stronger concept).")
 @click.option("--tau", multiple=True, help="NAME=VALUE gate temperature.")
@@ -360,7 +360,7 @@ def base_list(obj, as_json):
     rows = [{"name": n, "location": "(embedded)", "default": False} for n in EMBEDDED]
     for n, spec in sorted(home.config.get("bases", {}).items()):
         rows.append({"name": n, "location": spec["location"], "default": False})
-    default = os.environ.get("PFX_BASE") or home.config.get("default_base") or "tiny"
+    default = os.environ.get("PFX_BASE") or home.config.get("default_base") or "toy"
     for r in rows:
         r["default"] = r["name"] == default
     emit(rows, as_json, lambda rs: table(rs, [("name", "NAME"), ("location", "LOCATION"), ("default", "DEFAULT")]))

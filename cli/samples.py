@@ -18,6 +18,8 @@ SAMPLES = {
     "cat-mittens": ("cat", "Mittens: an orange cat with white paws and a blue collar (sample)"),
     "chair-eames": ("chair", "An Eames-style chair: teal shell seat on splayed walnut legs (sample)"),
 }
+
+
 def write_photos(folder: Path, name: str, count: int = 8) -> Path:
     """The reserved instances of the project's procedural world (perfusion_hub/world.py), which the
     embedded base never saw in training, in varied places, sizes and backgrounds."""
@@ -42,7 +44,7 @@ def build(target: Path, *, steps: int = 400) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         ctx = Context(str(Path(tmp) / "home"), offline=True, debug=False)
-        base = open_base(ctx, "tiny", device="cpu", dtype="fp32")
+        base = open_base(ctx, "toy", device="cpu", dtype="fp32")
         cov = base_covariance(ctx, base)
         if target.exists():
             shutil.rmtree(target)

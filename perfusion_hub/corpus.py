@@ -10,7 +10,7 @@ through shuffled copies of the noun list), so vocabulary coverage is complete fo
 
 The packaged corpus is ``perfusion_hub/data/captions.txt`` (6,000 captions, one per line, UTF-8, "\\n"
 line ends). Regenerate it with ``python -m perfusion_hub.corpus`` (also run by
-``python -m perfusion_hub.tiny_build``).
+``python -m perfusion_hub.toy_build``).
 
 Corpus identity: ``corpus_digest(captions)`` = "sha256:" + sha256 of ``"\\n".join(captions) + "\\n"`` in
 UTF-8. A user caption file is accepted by ``load_captions(path)``: UTF-8, one caption per line, surrounding

@@ -1,6 +1,6 @@
-"""Build the `tiny` base's CLIP-style byte-level BPE tokenizer (written by the project).
+"""Build the `toy` base's CLIP-style byte-level BPE tokenizer (written by the project).
 
-Output (``perfusion_hub/data/tiny/tokenizer/``): ``vocab.json``, ``merges.txt``, ``tokenizer_config.json``,
+Output (``perfusion_hub/data/toy/tokenizer/``): ``vocab.json``, ``merges.txt``, ``tokenizer_config.json``,
 ``special_tokens_map.json``, loadable with ``transformers.CLIPTokenizer.from_pretrained(dir)`` (and
 ``CLIPTokenizerFast``).
 
@@ -35,7 +35,7 @@ import regex
 
 from perfusion_hub import corpus, words
 
-TOKENIZER_DIR = Path(__file__).resolve().parent / "data" / "tiny" / "tokenizer"
+TOKENIZER_DIR = Path(__file__).resolve().parent / "data" / "toy" / "tokenizer"
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 EOW = "</w>"

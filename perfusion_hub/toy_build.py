@@ -1,29 +1,31 @@
-"""Build the embedded `tiny` base (``perfusion_hub/data/tiny/``) and the SD1.5 config folder.
+"""Build the embedded `toy` base (``perfusion_hub/data/toy/``) and the SD1.5 config folder.
 
-``python -m perfusion_hub.tiny_build`` regenerates, in order:
+``python -m perfusion_hub.toy_build`` regenerates, in order:
 
 1. the caption corpus ``data/captions.txt`` (`perfusion_hub.corpus`, < 1 s);
-2. the tokenizer ``data/tiny/tokenizer/`` (`perfusion_hub.tokenizer_build`, ~1 s);
-3. the tiny Stable Diffusion pipeline folder ``data/tiny/`` (model_index.json, unet/, vae/, text_encoder/,
+2. the tokenizer ``data/toy/tokenizer/`` (`perfusion_hub.tokenizer_build`, ~1 s);
+3. the toy Stable Diffusion pipeline folder ``data/toy/`` (model_index.json, unet/, vae/, text_encoder/,
    scheduler/, tokenizer/; weights stored fp16 as ``diffusion_pytorch_model.safetensors`` /
    ``model.safetensors``; no safety checker or feature extractor);
-4. ``data/tiny/build_info.json`` (VAE training settings and measured quality) and ``data/sd15/`` configs.
+4. ``data/toy/build_info.json`` (VAE training settings and measured quality), ``data/toy/pfx.json`` (the
+   base's Perfusion settings: gates open only on a prompt's own tokens) and ``data/sd15/`` configs.
 
 Steps 3-4 write the UNet and text encoder at their SEEDED INIT: the shipped ones were then trained as a
-denoiser on the procedural world by ``perfusion_hub.tiny_train`` (on a GPU; see build_info.json's
-``denoiser`` section), so after a rebuild run tiny_train again, then regenerate the packaged covariance
+denoiser on the procedural world by ``perfusion_hub.toy_train`` (on a GPU; see build_info.json's
+``denoiser`` section), so after a rebuild run toy_train again, then regenerate the packaged covariance
 and the sample registry (``python -m cli.samples``).
 
 Total: about 5 minutes on 2 otherwise idle CPU threads (VAE: ~0.13 s per 32px step, ~0.25 s per 64px step),
 11 minutes measured on the shared, busy 2-core dev machine; almost all of it is VAE training
 (``VAE_PHASES``). ``--skip-vae`` keeps the shipped VAE and rebuilds everything else in ~10 seconds.
 
-Tiny architecture (CPU friendly, but with real head dims for the rank-one math):
+Toy architecture (CPU friendly, but with real head dims for the rank-one math):
 
-* CLIPTextModel: hidden 64, intermediate 128, 2 layers, 4 heads, 77 positions, quick_gelu, vocab = tokenizer
+* CLIPTextModel: hidden 128, intermediate 512, 4 layers, 4 heads, 77 positions, quick_gelu, vocab = tokenizer
   size; bos/eos/pad ids are the tokenizer's (eos = pad = ``<|endoftext|>``, the real eos id).
-* UNet2DConditionModel: channels (32, 64), 1 layer per block, two cross-attention down and up blocks,
-  cross_attention_dim 64, 4 heads, norm groups 8, sample 16, 4 in/out channels: 7 ``attn2`` modules.
+* UNet2DConditionModel: channels (64, 128), 1 layer per block, two cross-attention down and up blocks,
+  cross_attention_dim 128, 4 heads, norm groups 16, sample 16, 4 in/out channels: 7 ``attn2`` modules
+  (4.3 M parameters; 25 DDIM steps with guidance take ~0.8 s on 2 CPU threads).
 * AutoencoderKL: channels [32, 64, 64] (downsampling x4: a 64x64 image <-> a 16x16x4 latent), norm groups
   8, one layer per block. Trained (seeded, CPU, 2 threads) on procedural 64x64 images (coloured or gradient
   backgrounds with circles, boxes, triangles and stripes) with reconstruction MSE plus a small KL term:
@@ -38,7 +40,7 @@ UNet and text encoder are seeded random inits (``torch.manual_seed`` before each
 torch version and thread count, a rebuild gives the same weights; VAE training on a different CPU family
 may differ in the last bits (the shipped files are the reference; the base digest is computed from them).
 
-Load it with ``StableDiffusionPipeline.from_pretrained(TINY_DIR, local_files_only=True, safety_checker=None,
+Load it with ``StableDiffusionPipeline.from_pretrained(TOY_DIR, local_files_only=True, safety_checker=None,
 requires_safety_checker=False, dtype=torch.float32)`` (weights are stored fp16; ask for fp32 on CPU).
 """
 
@@ -54,7 +56,7 @@ import numpy as np
 import torch
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-TINY_DIR = DATA_DIR / "tiny"
+TOY_DIR = DATA_DIR / "toy"
 SD15_DIR = DATA_DIR / "sd15"
 
 IMAGE_SIZE = 64
@@ -77,11 +79,11 @@ UNET_CONFIG = {
     "out_channels": 4,
     "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "block_out_channels": (32, 64),
+    "block_out_channels": (64, 128),
     "layers_per_block": 1,
-    "cross_attention_dim": 64,
+    "cross_attention_dim": 128,
     "attention_head_dim": 4,
-    "norm_num_groups": 8,
+    "norm_num_groups": 16,
 }
 VAE_CONFIG = {
     "in_channels": 3,
@@ -104,15 +106,25 @@ SCHEDULER_CONFIG = {
     "steps_offset": 1,
     "prediction_type": "epsilon",
 }
+# data/toy/pfx.json: Perfusion settings of this base (perfusion_hub.bases.base_settings)
+PFX_SETTINGS = {
+    "gate_positions": "prompt",
+    "why": "this small text encoder's padding encodings copy the prompt's last word, so with every position gated "
+           "a concept's edit would open on ~70 padding positions and wipe out the rest of the prompt (measured: "
+           "backgrounds lost); gates open only on the prompt's own tokens",
+    # training prompts in the world's caption grammar (words the text encoder was trained on)
+    "templates": ["a photo of a {}", "a picture of a {}", "an image of a {}", "a {}", "a photograph of a {}",
+                  "a good photo of a {}"],
+}
 TEXT_CONFIG = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "max_position_embeddings": 77,
     "hidden_act": "quick_gelu",
     "layer_norm_eps": 1e-5,
-    "projection_dim": 64,
+    "projection_dim": 128,
 }
 
 
@@ -258,7 +270,7 @@ def vae_quality(vae, images: torch.Tensor | None = None) -> dict:
 
 def train_vae(phases=None, lr: float = VAE_LR, kl_weight: float = VAE_KL_WEIGHT, device: str = "cpu",
               log=print):
-    """Train the tiny VAE deterministically (seeded; 2 CPU threads). Returns (vae in fp32, info dict).
+    """Train the toy VAE deterministically (seeded; 2 CPU threads). Returns (vae in fp32, info dict).
 
     `phases` is a sequence of (steps, batch, crop): most steps train on random `crop` x `crop` windows
     of the procedural 64x64 images (the VAE is convolutional, so this is ~4x cheaper per image), the last
@@ -339,7 +351,7 @@ def _model_index() -> dict:
     return {**MODEL_INDEX, "_diffusers_version": diffusers.__version__}
 
 
-def load_tiny_vae(folder: Path = TINY_DIR):
+def load_toy_vae(folder: Path = TOY_DIR):
     from diffusers import AutoencoderKL
 
     loaded = AutoencoderKL.from_pretrained(str(folder / "vae"), local_files_only=True, torch_dtype=torch.float32)
@@ -349,8 +361,8 @@ def load_tiny_vae(folder: Path = TINY_DIR):
     return vae.eval()
 
 
-def build_tiny(out: Path = TINY_DIR, skip_vae: bool = False, log=print) -> dict:
-    """Write the whole tiny pipeline folder. Returns the build info."""
+def build_toy(out: Path = TOY_DIR, skip_vae: bool = False, log=print) -> dict:
+    """Write the whole toy pipeline folder. Returns the build info."""
     from transformers import CLIPTokenizer
 
     from perfusion_hub import corpus, tokenizer_build
@@ -367,8 +379,8 @@ def build_tiny(out: Path = TINY_DIR, skip_vae: bool = False, log=print) -> dict:
     sched = build_scheduler()
     info_path = out / "build_info.json"
     if skip_vae:
-        src = out if (out / "vae" / "config.json").exists() else TINY_DIR
-        vae = load_tiny_vae(src)
+        src = out if (out / "vae" / "config.json").exists() else TOY_DIR
+        vae = load_toy_vae(src)
         old_info = src / "build_info.json"
         vae_info = json.loads(old_info.read_text("utf-8")).get("vae", {}) if old_info.exists() else {}
     else:
@@ -385,8 +397,9 @@ def build_tiny(out: Path = TINY_DIR, skip_vae: bool = False, log=print) -> dict:
     vae.half().save_pretrained(str(out / "vae"), safe_serialization=True)
     sched.save_pretrained(str(out / "scheduler"))
     _dump_json(out / "model_index.json", _model_index())
+    _dump_json(out / "pfx.json", PFX_SETTINGS)
     info = {
-        "note": "written by python -m perfusion_hub.tiny_build; do not edit",
+        "note": "written by python -m perfusion_hub.toy_build; do not edit",
         "tokenizer_vocab_size": len(tok),
         "text_encoder": {**TEXT_CONFIG, "seed": TEXT_SEED},
         "unet": {"seed": UNET_SEED, "attn2_modules": 7},
@@ -395,7 +408,7 @@ def build_tiny(out: Path = TINY_DIR, skip_vae: bool = False, log=print) -> dict:
     }
     _dump_json(info_path, info)
     write_sd15_configs()
-    log(f"tiny base written to {out} in {time.perf_counter() - t0:.0f}s")
+    log(f"toy base written to {out} in {time.perf_counter() - t0:.0f}s")
     return info
 
 
@@ -500,7 +513,7 @@ SD15_README = """SD1.5 architecture configs (stable-diffusion-v1-5 values), ship
 * Load a single-file checkpoint offline: StableDiffusionPipeline.from_single_file(ckpt, config=<this dir>,
   tokenizer=<a CLIPTokenizer from elsewhere>, local_files_only=True, safety_checker=None).
   tokenizer/ holds tokenizer_config.json only (no vocab.json / merges.txt).
-Written by python -m perfusion_hub.tiny_build (write_sd15_configs).
+Written by python -m perfusion_hub.toy_build (write_sd15_configs).
 """
 
 
@@ -525,10 +538,10 @@ def attn2_widths_from_config(unet_config: dict) -> dict[str, int]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=TINY_DIR)
+    ap.add_argument("--out", type=Path, default=TOY_DIR)
     ap.add_argument("--skip-vae", action="store_true", help="keep the existing VAE weights")
     args = ap.parse_args(argv)
-    build_tiny(args.out, skip_vae=args.skip_vae, log=lambda m: print(m, flush=True))
+    build_toy(args.out, skip_vae=args.skip_vae, log=lambda m: print(m, flush=True))
 
 
 if __name__ == "__main__":

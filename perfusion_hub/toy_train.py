@@ -1,26 +1,32 @@
-"""Train the embedded `tiny` base's UNet and text encoder into a small text-to-image denoiser.
+"""Train the embedded `toy` base's UNet and text encoder into a small text-to-image denoiser.
 
-``python -m perfusion_hub.tiny_train --out DIR`` (meant for one GPU; runs on CPU with small settings):
+``python -m perfusion_hub.toy_train --out DIR`` (meant for one GPU; runs on CPU with small settings):
 
 1. generates `--images` base-training examples of the procedural world (`perfusion_hub.world`; never a reserved
    instance) on all CPU cores, `--captions` caption variants each, turned into token ids by a word table;
 2. encodes them once with the frozen shipped VAE (posterior mean x scaling_factor);
-3. trains UNet and text encoder jointly, starting from the shipped seeded inits, for `--seconds` of wall time:
+3. trains UNet and text encoder jointly for `--seconds` of wall time, from the seeded inits of
+   `perfusion_hub.toy_build` or, with `--init DIR`, from an earlier chunk's output (its EMA weights, which
+   become both the model and the EMA; AdamW restarts with a short warm-up, and the learning-rate schedule
+   continues over `--total-seconds` from where that chunk stopped; each chunk draws fresh world examples):
    epsilon prediction with the shipped DDIM/SD noise schedule (1000 steps, scaled_linear betas), uniform
    timesteps, min-SNR-gamma loss weighting, 10 % of captions dropped to "" (classifier-free guidance),
    AdamW with warm-up then cosine decay over the time budget, grad-norm clipping, bf16 autocast, and an EMA
    of both models;
 4. every `--save-every` seconds and at the end writes the EMA weights in fp16 under DIR/unet and
-   DIR/text_encoder (same file names and keys as data/tiny), plus DIR/train_info.json (settings, loss curve,
-   validation loss on fixed held-out examples) and the log.
+   DIR/text_encoder (diffusers/transformers folders, as data/toy holds them), plus DIR/train_info.json
+   (settings, loss curve, validation loss on fixed held-out examples, all chunks so far) and the log;
+5. with `--evaluator DIR`, renders the evaluator's fixed prompt set with the EMA weights and reports the
+   quality figures (`perfusion_hub.evaluator.score_pipeline`).
 
-The time budget (not a step count) sets the length, so a run fits its lease; the number of steps reached is
-recorded in train_info.json.
+The time budget (not a step count) sets the length, so a run fits its lease (several chunks make a longer
+run); the number of steps reached is recorded in train_info.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import multiprocessing as mp
@@ -35,7 +41,7 @@ import torch
 
 from perfusion_hub import world
 
-TINY_DIR = Path(__file__).resolve().parent / "data" / "tiny"
+TOY_DIR = Path(__file__).resolve().parent / "data" / "toy"
 DATA_SEED_BASE = 10_000_000  # example seeds of base training start here
 VAL_SEED_BASE = 90_000_000  # held-out examples for the validation loss
 T0 = time.perf_counter()
@@ -84,36 +90,27 @@ def encode_latents(vae, imgs: np.ndarray, device, bs: int = 1024) -> torch.Tenso
     return torch.cat(out)
 
 
-def save_weights(model, src_file: Path, dst_file: Path) -> None:
-    """Write `model`'s weights fp16 under the key names of the shipped file `src_file`."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    sd = model.state_dict()
-    with safe_open(str(src_file), "pt") as f:
-        keys = list(f.keys())
-        meta = f.metadata() or {"format": "pt"}
-    out = {}
-    for k in keys:
-        v = sd.get(k)
-        if v is None:
-            v = sd["text_model." + k]
-        out[k] = v.detach().to("cpu", torch.float16).contiguous()
-    dst_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst_file.with_name(dst_file.name + ".tmp")
-    save_file(out, str(tmp), metadata=meta)
-    tmp.replace(dst_file)
-    shutil.copy(src_file.parent / "config.json", dst_file.parent / "config.json")
+def save_model(model, folder: Path) -> None:
+    """Write an fp16 copy of `model` as a diffusers/transformers folder (atomically replaced)."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    copy.deepcopy(model).to("cpu", torch.float16).save_pretrained(str(tmp), safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
 
 
 def main(argv=None) -> None:
     global LOG_FILE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--init", type=Path, help="continue from this earlier chunk's output folder")
     ap.add_argument("--images", type=int, default=200_000)
     ap.add_argument("--captions", type=int, default=3, help="caption variants per image")
     ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--seconds", type=float, default=420.0, help="training wall-time budget")
+    ap.add_argument("--seconds", type=float, default=420.0, help="this chunk's training wall-time budget")
+    ap.add_argument("--total-seconds", type=float, default=0.0,
+                    help="training time of all chunks, for the learning-rate schedule (default: --seconds)")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps too (0: no limit)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lr-text", type=float, default=5e-4)
@@ -122,6 +119,9 @@ def main(argv=None) -> None:
     ap.add_argument("--drop", type=float, default=0.1, help="caption dropout to the empty prompt")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--save-every", type=float, default=120.0)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the UNet (falls back to eager on error)")
+    ap.add_argument("--evaluator", type=Path, help="score the result with this evaluator folder")
+    ap.add_argument("--quality-prompts", type=int, default=200)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
     ap.add_argument("--val", type=int, default=1024, help="held-out examples for the validation loss")
     ap.add_argument("--seed", type=int, default=0)
@@ -137,29 +137,42 @@ def main(argv=None) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    log(f"torch {torch.__version__} device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'})")
-    tok = CLIPTokenizer.from_pretrained(str(TINY_DIR / "tokenizer"))
+    from perfusion_hub import toy_build
+
+    prev = json.loads((args.init / "train_info.json").read_text("utf-8")) if args.init else None
+    chunk = len(prev["chunks"]) if prev else 0
+    done_s = sum(c["train_s"] for c in prev["chunks"]) if prev else 0.0
+    done_steps = prev["steps"] if prev else 0
+    total_s = args.total_seconds or (done_s + args.seconds)
+    seed_base = DATA_SEED_BASE + chunk * args.images
+
+    log(f"torch {torch.__version__} device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}); "
+        f"chunk {chunk}, {done_steps} steps / {done_s:.0f}s done before")
+    tok = CLIPTokenizer.from_pretrained(str(TOY_DIR / "tokenizer"))
     t_gen = time.perf_counter()
-    imgs, ids = make_data(args.images, args.captions, DATA_SEED_BASE, args.workers, tok)
+    imgs, ids = make_data(args.images, args.captions, seed_base, args.workers, tok)
     vimgs, vids = make_data(args.val, 1, VAL_SEED_BASE, args.workers, tok)
     t_gen = time.perf_counter() - t_gen
     log(f"generated {len(imgs)} + {len(vimgs)} images x {args.captions} captions in {t_gen:.1f}s")
 
-    vae = AutoencoderKL.from_pretrained(str(TINY_DIR / "vae"), torch_dtype=torch.float32).to(dev).eval()
+    vae = AutoencoderKL.from_pretrained(str(TOY_DIR / "vae"), torch_dtype=torch.float32).to(dev).eval()
     t_enc = time.perf_counter()
     lat = encode_latents(vae, imgs, dev)
     vlat = encode_latents(vae, vimgs, dev)
     t_enc = time.perf_counter() - t_enc
-    del vae, imgs
+    del imgs
     log(f"latents {tuple(lat.shape)} std {lat.std().item():.3f} mean {lat.mean().item():.3f} in {t_enc:.1f}s")
     ids_t = torch.from_numpy(ids).long().to(dev)
     vids_t = torch.from_numpy(vids[:, 0]).long().to(dev)
     empty = torch.tensor(tok("", padding="max_length", max_length=77).input_ids, device=dev)
 
-    unet = UNet2DConditionModel.from_pretrained(str(TINY_DIR / "unet"), torch_dtype=torch.float32).to(dev).train()
-    text = CLIPTextModel.from_pretrained(str(TINY_DIR / "text_encoder"), torch_dtype=torch.float32).to(dev).train()
-    ema_unet = UNet2DConditionModel.from_pretrained(str(TINY_DIR / "unet"), torch_dtype=torch.float32).to(dev).eval()
-    ema_text = CLIPTextModel.from_pretrained(str(TINY_DIR / "text_encoder"), torch_dtype=torch.float32).to(dev).eval()
+    if args.init:
+        unet = UNet2DConditionModel.from_pretrained(str(args.init / "unet"), torch_dtype=torch.float32)
+        text = CLIPTextModel.from_pretrained(str(args.init / "text_encoder"), torch_dtype=torch.float32)
+    else:
+        unet, text = toy_build.build_unet(), toy_build.build_text_encoder(tok)
+    unet, text = unet.float().to(dev).train(), text.float().to(dev).train()
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
     params = list(unet.parameters()) + list(text.parameters())
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
     log(f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M params, text "
@@ -169,21 +182,24 @@ def main(argv=None) -> None:
                              {"params": list(text.parameters()), "lr": args.lr_text}],
                             betas=(0.9, 0.99), weight_decay=0.01, fused=fused)
     base_lrs = [g["lr"] for g in opt.param_groups]
-    sched = DDIMScheduler.from_pretrained(str(TINY_DIR / "scheduler"))
+    sched = DDIMScheduler.from_pretrained(str(TOY_DIR / "scheduler"))
     ac = sched.alphas_cumprod.to(dev, torch.float32)
     snr = ac / (1 - ac)
     weight = torch.clamp(snr, max=args.min_snr) / snr if args.min_snr > 0 else torch.ones_like(snr)
 
-    gen = torch.Generator(dev).manual_seed(args.seed)
+    gen = torch.Generator(dev).manual_seed(args.seed + chunk)
     n = lat.shape[0]
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    unet_fwd = unet
+    if args.compile:
+        unet_fwd = torch.compile(unet)
 
-    def loss_fn(x0, tok_ids, t, noise, w=None):
+    def loss_fn(x0, tok_ids, t, noise, w=None, net=None):
         a = ac[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with amp:
             ehs = text(tok_ids)[0]
-            pred = unet(xt, t, ehs).sample
+            pred = (unet if net is None else net)(xt, t, ehs).sample
         per = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
         return per if w is None else (per * w[t]).mean()
 
@@ -194,57 +210,56 @@ def main(argv=None) -> None:
 
     @torch.no_grad()
     def validate():
+        # the EMA text encoder goes with the EMA UNet: swap the weights in for the validation pass
         text.eval(); unet.eval()
-        # evaluate the EMA weights: swap them in
         saved = [p.detach().clone() for p in params]
         for p, e in zip(params, ema_params):
             p.copy_(e)
         per = torch.cat([loss_fn(vlat[i:i + 512], vids_t[i:i + 512], vt[i:i + 512], vnoise[i:i + 512])
                          for i in range(0, len(vlat), 512)])
-        for p, s in zip(params, saved):
-            p.copy_(s)
+        for p, s_ in zip(params, saved):
+            p.copy_(s_)
         text.train(); unet.train()
         lo, hi = vt < 300, vt >= 700
         return {"mse": per.mean().item(), "mse_t_lt_300": per[lo].mean().item(), "mse_t_ge_700": per[hi].mean().item()}
 
-    info = {
+    info = prev or {"loss_curve": [], "val_curve": [], "chunks": []}
+    info.update({
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "init": "the shipped seeded inits (tiny_build: text seed 1, unet seed 2)",
+        "init": "seeded inits of perfusion_hub.toy_build (text seed 1, unet seed 2), then each chunk continues "
+                "from the previous chunk's EMA weights",
         "objective": "epsilon prediction, uniform t in [0, 1000), DDIM/SD scaled_linear betas, "
                      f"min-SNR-{args.min_snr} weights, caption dropout {args.drop}",
-        "data": {"images": len(lat), "captions_per_image": args.captions, "seed_base": DATA_SEED_BASE,
-                 "val_images": len(vlat), "val_seed_base": VAL_SEED_BASE, "generate_s": round(t_gen, 1),
-                 "encode_s": round(t_enc, 1)},
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
         "torch_version": torch.__version__,
-        "loss_curve": [], "val_curve": [],
-    }
+    })
+    this = {"chunk": chunk, "images": len(lat), "captions_per_image": args.captions, "seed_base": seed_base,
+            "generate_s": round(t_gen, 1), "encode_s": round(t_enc, 1), "compile": bool(args.compile)}
+    info["chunks"].append(this)
 
     def save(step, final=False):
         t_s = time.perf_counter()
-        ema_unet.eval(); ema_text.eval()
-        save_weights(ema_unet, TINY_DIR / "unet" / "diffusion_pytorch_model.safetensors",
-                     args.out / "unet" / "diffusion_pytorch_model.safetensors")
-        save_weights(ema_text, TINY_DIR / "text_encoder" / "model.safetensors",
-                     args.out / "text_encoder" / "model.safetensors")
-        info["steps"] = step
-        info["train_s"] = round(time.perf_counter() - t_train, 1)
-        info["final"] = final
+        save_model(ema_unet, args.out / "unet")
+        save_model(ema_text, args.out / "text_encoder")
+        this.update(steps=step, train_s=round(time.perf_counter() - t_train, 1), final=final)
+        info["steps"] = done_steps + step
         (args.out / "train_info.json").write_text(json.dumps(info, indent=1))
-        log(f"saved EMA weights at step {step} ({time.perf_counter() - t_s:.1f}s)")
+        log(f"saved EMA weights at step {done_steps + step} ({time.perf_counter() - t_s:.1f}s)")
 
     v0 = validate()
-    info["val_curve"].append({"step": 0, **v0})
-    log(f"val at init: {v0}")
+    log(f"val at start: {v0}")
+    if not prev:
+        info["val_curve"].append({"step": 0, **v0})
     t_train = time.perf_counter()
     last_save = t_train
     step, run_loss, run_n = 0, 0.0, 0
+    warm = args.warmup if not prev else min(args.warmup, 200)
     while True:
         el = time.perf_counter() - t_train
-        frac = el / args.seconds
-        if frac >= 1 or (args.max_steps and step >= args.max_steps):
+        if el >= args.seconds or (args.max_steps and step >= args.max_steps):
             break
-        lr_mult = min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        frac = min(1.0, (done_s + el) / total_s)
+        lr_mult = min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g, b in zip(opt.param_groups, base_lrs):
             g["lr"] = b * lr_mult
         idx = torch.randint(0, n, (args.batch,), generator=gen, device=dev)
@@ -254,12 +269,19 @@ def main(argv=None) -> None:
         tok_ids = torch.where(drop[:, None], empty[None], tok_ids)
         t = torch.randint(0, 1000, (args.batch,), generator=gen, device=dev)
         noise = torch.randn((args.batch,) + tuple(lat.shape[1:]), generator=gen, device=dev)
-        loss = loss_fn(lat[idx], tok_ids, t, noise, weight)
+        try:
+            loss = loss_fn(lat[idx], tok_ids, t, noise, weight, net=unet_fwd)
+        except Exception as e:  # a failed compile: go on eagerly
+            if unet_fwd is unet:
+                raise
+            log(f"compile failed ({type(e).__name__}: {str(e)[:200]}); training eagerly")
+            unet_fwd, this["compile"] = unet, False
+            loss = loss_fn(lat[idx], tok_ids, t, noise, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
+        decay = min(args.ema, (1 + done_steps + step) / (10 + done_steps + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
         step += 1
@@ -268,22 +290,47 @@ def main(argv=None) -> None:
             run_n += 1
         if step % 500 == 0:
             rate = step / (time.perf_counter() - t_train)
-            info["loss_curve"].append({"step": step, "loss": round(run_loss / max(run_n, 1), 5),
-                                       "lr_mult": round(lr_mult, 4), "t": round(time.perf_counter() - t_train, 1)})
-            log(f"step {step} loss {run_loss / max(run_n, 1):.4f} gn {gn.item():.3f} lr x{lr_mult:.3f} "
-                f"{rate:.1f} it/s")
+            info["loss_curve"].append({"step": done_steps + step, "loss": round(run_loss / max(run_n, 1), 5),
+                                       "lr_mult": round(lr_mult, 4),
+                                       "t": round(done_s + time.perf_counter() - t_train, 1)})
+            log(f"step {done_steps + step} loss {run_loss / max(run_n, 1):.4f} gn {gn.item():.3f} "
+                f"lr x{lr_mult:.3f} {rate:.1f} it/s")
             run_loss, run_n = 0.0, 0
         if time.perf_counter() - last_save > args.save_every:
             v = validate()
-            info["val_curve"].append({"step": step, **v})
-            log(f"val step {step}: {v}")
+            info["val_curve"].append({"step": done_steps + step, **v})
+            log(f"val step {done_steps + step}: {v}")
             save(step)
             last_save = time.perf_counter()
     v = validate()
-    info["val_curve"].append({"step": step, **v})
-    log(f"val final step {step}: {v}")
+    info["val_curve"].append({"step": done_steps + step, **v})
+    log(f"val final step {done_steps + step}: {v}")
     save(step, final=True)
+    this["steps_per_s"] = round(step / max(this["train_s"], 1e-9), 2)
+    if args.evaluator:
+        info["quality"] = quality(args.evaluator, vae, ema_unet, ema_text, tok, sched, dev, args.quality_prompts)
+        info["quality"]["at_step"] = done_steps + step
+        log(f"quality: {json.dumps(info['quality'])}")
+    (args.out / "train_info.json").write_text(json.dumps(info, indent=1))
     log("done")
+
+
+def quality(evaluator_dir: Path, vae, unet, text, tok, sched, dev, n_prompts: int) -> dict:
+    """The evaluator's prompt-set figures for these weights (2 seeds; guidance 7.5 and 4)."""
+    from diffusers import StableDiffusionPipeline
+
+    from perfusion_hub import evaluator
+
+    t0 = time.perf_counter()
+    net = evaluator.load(evaluator_dir, device=str(dev))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    specs = evaluator.prompt_set(n_prompts)
+    out = {f"guidance_{g}": evaluator.score_pipeline(pipe, net, specs, seeds=(0, 1), guidance=g, batch=100)
+           for g in (7.5, 4.0)}
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 They feed three things:
 
 * the caption corpus (`perfusion_hub.corpus`) used to estimate the text-encoding covariance C;
-* the embedded `tiny` base's tokenizer (`perfusion_hub.tokenizer_build`), whose merges make every word
+* the embedded `toy` base's tokenizer (`perfusion_hub.tokenizer_build`), whose merges make every word
   below (and every word of the corpus) exactly one token, so any noun can serve as a superclass there;
 * tests and samples that need superclass words.
 

@@ -1,4 +1,4 @@
-"""The procedural world of the embedded `tiny` base: 64x64 scenes, their captions, and reserved instances.
+"""The procedural world of the embedded `toy` base: 64x64 scenes, their captions, and reserved instances.
 
 A scene is a background (a named colour, plain or checkered) with one or two drawn objects from six classes
 (cat, dog, chair, cup, ball, tree). Each object has a colour, a size (small / medium / large), a position and
@@ -9,9 +9,13 @@ are turned into ids with a word table (`CaptionIds`) instead of the (slow) token
 
 Reserved instances never appear in base-training scenes (`sample_scene` cannot draw them):
 
-* ``mittens``: an orange cat with white paws and a blue collar (generic cats have neither);
-* ``eames``: a two-tone chair of its own shape: a curved teal shell on splayed walnut legs (generic chairs are
-  one colour, with a straight seat and back).
+* ``mittens``: an orange cat with white paws and a blue collar. Generic cats may wear a collar and have
+  paws of another colour (neither is ever captioned), but never this combination;
+* ``eames``: a shell chair (a curved shell on splayed legs) with a teal shell and walnut legs. Generic chairs
+  are straight four-legged chairs or shell chairs whose shell has one of the world's colours (teal is not
+  one of them) on brown, black, gray or white legs.
+
+So each instance is a new combination of parts the base can draw, which a concept has to pin down.
 
 `render_mittens` / `render_eames` draw them in varied positions, sizes and backgrounds: they are the
 personal concepts that users would train. Everything is deterministic given a numpy Generator / seed.
@@ -71,6 +75,10 @@ class Obj:
     mirror: bool = False
     instance: str | None = None  # None for generic objects; "mittens" / "eames" for reserved ones
     seed: int = 0  # pattern / jitter details
+    collar: str | None = None  # cats: collar colour
+    paws: str | None = None  # cats: paw colour
+    shell: bool = False  # chairs: shell seat on splayed legs instead of a straight chair
+    legs: str | None = None  # shell chairs: leg colour
 
     @property
     def bottom(self) -> float:
@@ -134,10 +142,11 @@ def _layers(o: Obj, u, v):
               (_tri(u, v, (0.70, 0.30), (0.66, 0.04), (0.53, 0.22)), main),
               (_ellipse(u, v, 0.50, 0.33, 0.21, 0.18), main),
               (_ellipse(u, v, 0.42, 0.31, 0.035, 0.045) | _ellipse(u, v, 0.58, 0.31, 0.035, 0.045), "eyes")]
-        if o.instance == "mittens":
-            ls.append((_rect(u, v, 0.33, 0.67, 0.48, 0.54), COLORS["blue"]))
+        if o.collar:
+            ls.append((_rect(u, v, 0.33, 0.67, 0.48, 0.54), COLORS[o.collar]))
+        if o.paws:
             ls.append((_ellipse(u, v, 0.37, 0.94, 0.10, 0.055) | _ellipse(u, v, 0.63, 0.94, 0.10, 0.055),
-                       COLORS["white"]))
+                       COLORS[o.paws]))
         return ls
     if o.cls == "dog":
         return [(_segment(u, v, (0.20, 0.46), (0.06, 0.22), 0.06), main),
@@ -149,12 +158,14 @@ def _layers(o: Obj, u, v):
                 (_ellipse(u, v, 0.73, 0.38, 0.045, 0.11), "dark"),
                 (_ellipse(u, v, 0.84, 0.28, 0.03, 0.035), "eyes")]
     if o.cls == "chair":
-        if o.instance == "eames":
+        if o.shell:
             legs = (_segment(u, v, (0.50, 0.62), (0.18, 0.97), 0.05) | _segment(u, v, (0.50, 0.62), (0.82, 0.97), 0.05)
                     | _rect(u, v, 0.46, 0.54, 0.56, 0.68))
             shell = (_ellipse(u, v, 0.52, 0.46, 0.40, 0.15) & ~_ellipse(u, v, 0.56, 0.36, 0.38, 0.12)) \
                 | (_ellipse(u, v, 0.17, 0.28, 0.11, 0.24) & ~_ellipse(u, v, 0.27, 0.22, 0.07, 0.20))
-            return [(legs, WALNUT), (shell, TEAL)]
+            if o.instance == "eames":
+                return [(legs, WALNUT), (shell, TEAL)]
+            return [(legs, COLORS[o.legs or "brown"]), (shell, main)]
         return [(_rect(u, v, 0.14, 0.24, 0.04, 0.58), main),
                 (_rect(u, v, 0.14, 0.86, 0.50, 0.60), main),
                 (_rect(u, v, 0.15, 0.23, 0.58, 0.97) | _rect(u, v, 0.77, 0.85, 0.58, 0.97), main)]
@@ -250,11 +261,25 @@ def _pick(rng, seq):
     return seq[int(rng.integers(len(seq)))]
 
 
+LEG_COLORS = ("brown", "black", "gray", "white")
+
+
 def _new_obj(rng, cls, size, bg, exclude_colors=()) -> Obj:
     colors = [c for c in COLOR_NAMES if c != bg and c not in exclude_colors]
     s = float(rng.uniform(*SIZES[size]))
-    return Obj(cls=cls, color=_pick(rng, colors), size=size, pattern=_pick(rng, PATTERNS), cx=0.5, cy=0.5, s=s,
-               mirror=bool(rng.random() < 0.5) and cls in ("dog", "chair", "cup"), seed=int(rng.integers(2**31)))
+    o = Obj(cls=cls, color=_pick(rng, colors), size=size, pattern=_pick(rng, PATTERNS), cx=0.5, cy=0.5, s=s,
+            mirror=bool(rng.random() < 0.5) and cls in ("dog", "chair", "cup"), seed=int(rng.integers(2**31)))
+    if cls == "cat":
+        others = [c for c in COLOR_NAMES if c != o.color]
+        if rng.random() < 0.4:
+            o.collar = _pick(rng, others)
+        if rng.random() < 0.4:
+            o.paws = _pick(rng, others)
+        if (o.color, o.collar, o.paws) == ("orange", "blue", "white"):  # that cat is Mittens
+            o.collar = None
+    elif cls == "chair" and rng.random() < 0.4:
+        o.shell, o.legs = True, _pick(rng, [c for c in LEG_COLORS if c != o.color])
+    return o
 
 
 def _place_single(rng, o: Obj) -> None:
@@ -315,14 +340,15 @@ def _instance_scene(rng, obj: Obj, background, texture) -> Scene:
 def mittens(rng: np.random.Generator, size: str | None = None) -> Obj:
     size = size or _pick(rng, ("medium", "medium", "large"))
     return Obj(cls="cat", color="orange", size=size, pattern="plain", cx=0.5, cy=0.5,
-               s=float(rng.uniform(*SIZES[size])), instance="mittens", seed=int(rng.integers(2**31)))
+               s=float(rng.uniform(*SIZES[size])), instance="mittens", seed=int(rng.integers(2**31)),
+               collar="blue", paws="white")
 
 
 def eames(rng: np.random.Generator, size: str | None = None) -> Obj:
     size = size or _pick(rng, ("medium", "medium", "large"))
     return Obj(cls="chair", color="brown", size=size, pattern="plain", cx=0.5, cy=0.5,
                s=float(rng.uniform(*SIZES[size])), mirror=bool(rng.random() < 0.5), instance="eames",
-               seed=int(rng.integers(2**31)))
+               seed=int(rng.integers(2**31)), shell=True, legs="brown")
 
 
 def render_mittens(seed: int, background: str | None = None, texture: str | None = None) -> np.ndarray:

@@ -31,7 +31,7 @@ def concept_bytes(name: str, version: str, *, seed: int = 0, dim: int = 8, layer
         tensors[f"value_target.down.{i}.attn2"] = rng.standard_normal(w, dtype=np.float32)
     meta = {
         "format": "pfx.concept", "format_version": "1", "name": name, "version": version,
-        "superclass": superclass, "trigger": f"<{name.split('/')[-1]}>", "base_name": "tiny",
+        "superclass": superclass, "trigger": f"<{name.split('/')[-1]}>", "base_name": "toy",
         "base_digest": BASE_DIGEST, "covariance_digest": "sha256:" + "d" * 64, "corpus_digest": CORPUS_DIGEST,
         "beta": "0.7", "tau": "0.1", "key_lock": "superclass", "training": json.dumps({"steps": 10, "seed": seed}),
         "created": "2026-01-01T00:00:00Z", "pfx_version": "0.1.0", "description": description,

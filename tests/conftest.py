@@ -20,28 +20,28 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def tiny_base():
-    """The embedded tiny base on CPU in fp32 (loaded once per test session; tests must leave it clean)."""
+def toy_base():
+    """The embedded toy base on CPU in fp32 (loaded once per test session; tests must leave it clean)."""
     import torch
 
     from perfusion_hub.bases import load_base
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    return load_base("tiny", device="cpu", dtype="fp32")
+    return load_base("toy", device="cpu", dtype="fp32")
 
 
 @pytest.fixture(scope="session")
-def tiny_cov(tiny_base):
+def toy_cov(toy_base):
     from perfusion_hub.covariance import packaged_covariance
 
-    return packaged_covariance(tiny_base)
+    return packaged_covariance(toy_base)
 
 
 @pytest.fixture
-def clean_base(tiny_base):
-    """The tiny base, guaranteed free of loaded concepts before and after the test."""
+def clean_base(toy_base):
+    """The toy base, guaranteed free of loaded concepts before and after the test."""
     from perfusion_hub.loaders import unload_concepts
 
-    unload_concepts(tiny_base.pipe)
-    yield tiny_base
-    unload_concepts(tiny_base.pipe)
+    unload_concepts(toy_base.pipe)
+    yield toy_base
+    unload_concepts(toy_base.pipe)

@@ -1,4 +1,4 @@
-"""Shared helpers for engine tests: synthetic concepts on the embedded tiny base, photo folders."""
+"""Shared helpers for engine tests: synthetic concepts on the embedded toy base, photo folders."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`pfx train`, `pfx render`, `pfx base` through click's CliRunner and real `pfx` subprocesses (tiny base)."""
+"""`pfx train`, `pfx render`, `pfx base` through click's CliRunner and real `pfx` subprocesses (toy base)."""
 
 import json
 import os
@@ -69,11 +69,11 @@ def test_train_render_and_versions(home, tmp_path):
 def test_embedded_base_notice_and_base_commands(home, tmp_path):
     res = pfx_main("base", "prepare", "--json")
     assert res.returncode == 0, res.stderr
-    assert "embedded 'tiny' base" in res.stderr and "stable-diffusion-v1-5" in res.stderr
+    assert "embedded 'toy' base" in res.stderr and "stable-diffusion-v1-5" in res.stderr
     info = json.loads(res.stdout)
-    assert info["layers"] == 7 and info["dim"] == 64
+    assert info["layers"] == 7 and info["dim"] == 128
     bases = json.loads(run("base", "list", "--json").stdout)
-    assert [b["name"] for b in bases] == ["tiny"] and bases[0]["default"]
+    assert [b["name"] for b in bases] == ["toy"] and bases[0]["default"]
 
 
 def test_user_errors_are_short_with_stable_exit_codes(home, tmp_path):
@@ -103,14 +103,14 @@ def test_concept_for_another_base_and_corrupt_blob_are_refused(home, tmp_path):
 
     photos = photo_folder(tmp_path / "photos")
     run("train", str(photos), "--name", "cat-mittens", "--superclass", "cat", *TRAIN)
-    other = load_base("tiny", device="cpu", dtype="fp32")
+    other = load_base("toy", device="cpu", dtype="fp32")
     with torch.no_grad():
         other.pipe.text_encoder.get_input_embeddings().weight[:100].mul_(1.5)  # a fine-tune: another base
     other.pipe.save_pretrained(tmp_path / "other-base")
     res = pfx_main("render", "a photo of cat-mittens", "--base", str(tmp_path / "other-base"), "--steps", "1",
                    "-o", str(tmp_path / "y.png"))
     assert res.returncode == 7, res.stderr
-    assert "'tiny'" in res.stderr and "other-base" in res.stderr
+    assert "'toy'" in res.stderr and "other-base" in res.stderr
 
     from registry.home import Home
 

@@ -26,14 +26,14 @@ from tests.conceptgen import add_concept
 from tests.faultproxy import chaos_proxy, home_problems, pfx, remote_problems, start_pfx
 from tests.s3server import S3_ENV, make_bucket, moto_server
 
-TINY = Path(__file__).resolve().parent.parent / "perfusion_hub" / "data" / "tiny"
-needs_tiny = pytest.mark.skipif(not (TINY / "unet").is_dir(), reason="the embedded tiny base is not built yet")
+TOY = Path(__file__).resolve().parent.parent / "perfusion_hub" / "data" / "toy"
+needs_toy = pytest.mark.skipif(not (TOY / "unet").is_dir(), reason="the embedded toy base is not built yet")
 # Expected exit codes per operation under concurrency (3: a concurrent remove got there first).
 ALLOWED = {"install": {0}, "remove": {0, 3}, "gc": {0}, "verify": {0}, "render": {0}}
 
 
 def build_file_registry(tmp: Path, *, churn: int, stable: int, render_concept=None) -> tuple[str, list, list]:
-    """A file:// registry with `churn` + `stable` small concepts (and a tiny-base concept to render)."""
+    """A file:// registry with `churn` + `stable` small concepts (and a toy-base concept to render)."""
     reg = tmp / "registry"
     reg.mkdir()
     url = reg.as_uri()
@@ -107,23 +107,23 @@ def run_home_mix(tmp: Path, url: str, churn: list, stable: list, *, workers: int
     return out
 
 
-def _render_concept(tiny_base, tiny_cov, tmp: Path):
+def _render_concept(toy_base, toy_cov, tmp: Path):
     from perfusion_hub.concept import save_concept
     from tests.enginekit import synthetic_concept
 
     def make(pub: Home):
-        c = synthetic_concept(tiny_base, tiny_cov, "paintcat", "cat", seed=1)
+        c = synthetic_concept(toy_base, toy_cov, "paintcat", "cat", seed=1)
         path = save_concept(c, tmp / "paintcat.safetensors")
-        d, s = pub.store.put_bytes(tiny_cov.to_bytes())
-        return pub.add_concept_file(path, covariance={"digest": d, "size": s, "base_digest": tiny_base.digest,
-                                                      "corpus_digest": tiny_cov.corpus_digest})
+        d, s = pub.store.put_bytes(toy_cov.to_bytes())
+        return pub.add_concept_file(path, covariance={"digest": d, "size": s, "base_digest": toy_base.digest,
+                                                      "corpus_digest": toy_cov.corpus_digest})
     return make
 
 
-@needs_tiny
-def test_eight_processes_mix_install_remove_gc_render_on_one_home(tmp_path, tiny_base, tiny_cov):
+@needs_toy
+def test_eight_processes_mix_install_remove_gc_render_on_one_home(tmp_path, toy_base, toy_cov):
     url, churn, stable = build_file_registry(tmp_path, churn=6, stable=3,
-                                             render_concept=_render_concept(tiny_base, tiny_cov, tmp_path))
+                                             render_concept=_render_concept(toy_base, toy_cov, tmp_path))
     r = run_home_mix(tmp_path, url, churn, stable, workers=8, ops=5, seed=0, renders=2, renderable="paintcat")
     assert r["problems"] == [], r["problems"]
     assert r["lost"] == 0 and r["renders_ok"] == 2

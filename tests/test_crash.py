@@ -40,8 +40,8 @@ from tests.faultproxy import (
 )
 from tests.s3server import isolate_aws_env, new_bucket
 
-TINY = Path(__file__).resolve().parent.parent / "perfusion_hub" / "data" / "tiny"
-needs_tiny = pytest.mark.skipif(not (TINY / "unet").is_dir(), reason="the embedded tiny base is not built yet")
+TOY = Path(__file__).resolve().parent.parent / "perfusion_hub" / "data" / "toy"
+needs_toy = pytest.mark.skipif(not (TOY / "unet").is_dir(), reason="the embedded toy base is not built yet")
 
 
 @pytest.fixture(autouse=True)
@@ -291,7 +291,7 @@ def run_train_kill(tmp: Path, seed: int, *, steps: int = 120) -> dict:
     return out
 
 
-@needs_tiny
+@needs_toy
 def test_kill9_training_after_first_checkpoint_then_resume(tmp_path):
     r = run_train_kill(tmp_path, seed=3)
     assert r["problems"] == []
@@ -369,7 +369,7 @@ def test_unwritable_store_is_a_clear_error_and_nothing_is_corrupt(s3_url, tmp_pa
     assert home_problems(home) == []
 
 
-@needs_tiny
+@needs_toy
 def test_disk_full_and_unwritable_output_during_training_are_clear_errors(tmp_path):
     from tests.enginekit import photo_folder
 

@@ -25,7 +25,7 @@ def concept_bytes(name: str, version: str = "0.1.0", *, dim: int = 8, layers: in
             rng.standard_normal(width).astype(np.float32))
     md = {
         "format": "pfx.concept", "format_version": "1", "name": name, "version": version,
-        "superclass": "cat", "trigger": f"<{name}>", "base_name": "tiny", "base_digest": base_digest,
+        "superclass": "cat", "trigger": f"<{name}>", "base_name": "toy", "base_digest": base_digest,
         "covariance_digest": COV, "corpus_digest": CORPUS, "beta": "0.7", "tau": "0.1",
         "key_lock": "superclass", "training": json.dumps({"steps": 10, "seed": seed}),
         "created": "2025-01-01T00:00:00Z", "pfx_version": "0.1.0", "description": f"a test concept {name}",

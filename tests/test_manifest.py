@@ -34,7 +34,7 @@ def test_digest_is_stable_and_fields_come_from_header():
     assert a.digest == b.digest == sha256_digest(a.data)
     assert a.digest.startswith("sha256:") and len(a.digest) == 71
     assert (a.name, a.version, a.trigger, a.superclass, a.base_digest, a.base_name) == (
-        "cat-mittens", "0.1.0", "<cat-mittens>", "cat", BASE, "tiny")
+        "cat-mittens", "0.1.0", "<cat-mittens>", "cat", BASE, "toy")
     assert a.beta == 0.7 and a.tau == 0.1 and a.provenance == {"steps": 10, "seed": 0}
     assert a.license == "cc-by-4.0" and a.description.startswith("a test concept")
     assert make(version="0.2.0").digest != a.digest

@@ -1,4 +1,4 @@
-"""Spec section 8.5: planted-concept recovery on the tiny base (fixed seeds; figures printed with -s).
+"""Spec section 8.5: planted-concept recovery on the toy base (fixed seeds; figures printed with -s).
 
 A teacher concept differs from its superclass initialisation only by a known random direction d in its
 value targets. A student trained only on the teacher's images must move its value targets along d well
@@ -12,8 +12,8 @@ import json
 from tests import recovery
 
 
-def test_planted_concept_is_recovered(tiny_base, tiny_cov, tmp_path):
-    f = recovery.run(tiny_base, tiny_cov, tmp_path, seed=0)
+def test_planted_concept_is_recovered(toy_base, toy_cov, tmp_path):
+    f = recovery.run(toy_base, toy_cov, tmp_path, seed=0)
     print(json.dumps(f, indent=1))
     assert f["cos_vs_control_delta_vs_d"] > 2 * f["chance_cos"], f
     assert f["loss_trained_student"] < f["loss_untrained_student"], f

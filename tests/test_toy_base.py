@@ -1,4 +1,4 @@
-"""The embedded tiny base (data/tiny) and the shipped SD1.5 configs (data/sd15). ~10-15 s on 2 CPU threads."""
+"""The embedded toy base (data/toy) and the shipped SD1.5 configs (data/sd15). ~10-15 s on 2 CPU threads."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from perfusion_hub import arch, tiny_build
+from perfusion_hub import arch, toy_build
 
-TINY = tiny_build.TINY_DIR
-SD15 = tiny_build.SD15_DIR
-# Measured at build time on held-out procedural images (data/tiny/build_info.json: vae.psnr_db);
+TOY = toy_build.TOY_DIR
+SD15 = toy_build.SD15_DIR
+# Measured at build time on held-out procedural images (data/toy/build_info.json: vae.psnr_db);
 # the test allows a margin for a different CPU or a rebuilt VAE.
 VAE_PSNR_MIN_DB = 20.0
 
@@ -21,26 +21,26 @@ def pipe():
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline.from_pretrained(
-        str(TINY), local_files_only=True, safety_checker=None, requires_safety_checker=False,
+        str(TOY), local_files_only=True, safety_checker=None, requires_safety_checker=False,
         dtype=torch.float32,
     )
 
 
-def test_tiny_folder_layout_and_size():
-    index = json.loads((TINY / "model_index.json").read_text())
+def test_toy_folder_layout_and_size():
+    index = json.loads((TOY / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
     assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
     for f in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
               "text_encoder/model.safetensors", "scheduler/scheduler_config.json", "tokenizer/vocab.json",
-              "tokenizer/merges.txt", "tokenizer/tokenizer_config.json"):
-        assert (TINY / f).is_file(), f
-    total = sum(p.stat().st_size for p in TINY.rglob("*") if p.is_file())
-    assert total < 8 * 2**20, total
+              "tokenizer/merges.txt", "tokenizer/tokenizer_config.json", "pfx.json"):
+        assert (TOY / f).is_file(), f
+    total = sum(p.stat().st_size for p in TOY.rglob("*") if p.is_file())
+    assert total < 20 * 2**20, total  # issue 6: at most 20 MB of weights
     from safetensors import safe_open
 
     for f in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
               "text_encoder/model.safetensors"):
-        with safe_open(str(TINY / f), "pt") as st:
+        with safe_open(str(TOY / f), "pt") as st:
             assert {st.get_slice(k).get_dtype() for k in st.keys()} == {"F16"}, f  # noqa: SIM118
 
 
@@ -51,7 +51,7 @@ def test_pipeline_loads_offline_and_renders(pipe, monkeypatch):
     assert te.config.eos_token_id == tok.eos_token_id and te.config.bos_token_id == tok.bos_token_id
     assert te.config.pad_token_id == tok.pad_token_id and tok.model_max_length == 77
     assert (te.config.hidden_size, te.config.intermediate_size, te.config.num_hidden_layers,
-            te.config.num_attention_heads, te.config.hidden_act) == (64, 128, 2, 4, "quick_gelu")
+            te.config.num_attention_heads, te.config.hidden_act) == (128, 512, 4, 4, "quick_gelu")
     assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
     sch = pipe.scheduler.config
     assert (type(pipe.scheduler).__name__, sch.steps_offset, sch.clip_sample, sch.set_alpha_to_one) == (
@@ -67,18 +67,18 @@ def test_pipeline_loads_offline_and_renders(pipe, monkeypatch):
     assert (out == again).all()
 
 
-def test_attn2_helper_matches_tiny_unet(pipe):
+def test_attn2_helper_matches_toy_unet(pipe):
     from diffusers.models.attention_processor import Attention
 
     real = {n: m.to_k.out_features for n, m in pipe.unet.named_modules()
             if isinstance(m, Attention) and m.is_cross_attention}
-    derived = tiny_build.attn2_widths_from_config(dict(pipe.unet.config))
+    derived = toy_build.attn2_widths_from_config(dict(pipe.unet.config))
     assert list(derived.items()) == list(real.items())  # same paths, same order, same widths
     assert len(derived) == 7
     assert all(n.endswith(".attn2") for n in derived)
     for n, m in pipe.unet.named_modules():
         if n in derived:
-            assert m.to_k.in_features == m.to_v.in_features == 64 and m.to_k.bias is None
+            assert m.to_k.in_features == m.to_v.in_features == 128 and m.to_k.bias is None
 
 
 def test_attn2_helper_matches_sd15_block_layout():
@@ -148,34 +148,34 @@ def test_sd15_configs_load():
 
 def test_vae_round_trip(pipe):
     vae = pipe.vae
-    x = tiny_build.eval_images(16)
+    x = toy_build.eval_images(16)
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mean
         rec = vae.decode(z).sample
         z2 = vae.encode(rec).latent_dist.mean
     assert z.shape == (16, 4, 16, 16)
-    assert tiny_build.psnr(rec, x) >= VAE_PSNR_MIN_DB
+    assert toy_build.psnr(rec, x) >= VAE_PSNR_MIN_DB
     assert float((z2 - z).norm() / z.norm()) < 0.3  # encode(decode(z)) comes back near z
     scaled = z * vae.config.scaling_factor
     assert 0.6 < float(scaled.std()) < 1.6
     # a different image decodes to something different: latents carry the content
-    assert tiny_build.psnr(vae.decode(z.roll(1, 0)).sample, x) < VAE_PSNR_MIN_DB - 6
+    assert toy_build.psnr(vae.decode(z.roll(1, 0)).sample, x) < VAE_PSNR_MIN_DB - 6
 
 
 def test_trained_weights_recorded_and_not_the_seeded_init(pipe):
-    """UNet and text encoder are trained (perfusion_hub.tiny_train) from the build script's seeded inits: the
+    """UNet and text encoder are trained (perfusion_hub.toy_train) from the build script's seeded inits: the
     seeds and the training settings are recorded in build_info.json, and the shipped weights are no longer
     the init."""
-    info = json.loads((TINY / "build_info.json").read_text())
-    assert info["unet"]["seed"] == tiny_build.UNET_SEED and info["text_encoder"]["seed"] == tiny_build.TEXT_SEED
+    info = json.loads((TOY / "build_info.json").read_text())
+    assert info["unet"]["seed"] == toy_build.UNET_SEED and info["text_encoder"]["seed"] == toy_build.TEXT_SEED
     den = info["denoiser"]
     assert den["steps"] > 0 and den["settings"]["drop"] > 0 and den["settings"]["batch"] > 0
     assert den["val_curve"][-1]["mse"] < 0.25 * den["val_curve"][0]["mse"]
-    unet = tiny_build.build_unet().half()
+    unet = toy_build.build_unet().half()
     shipped = pipe.unet.state_dict()
     assert unet.state_dict().keys() == shipped.keys()
     assert not torch.equal(unet.conv_in.weight.float(), shipped["conv_in.weight"])
-    te = tiny_build.build_text_encoder(pipe.tokenizer).half()
+    te = toy_build.build_text_encoder(pipe.tokenizer).half()
     assert te.state_dict().keys() == pipe.text_encoder.state_dict().keys()
 
 
@@ -195,10 +195,39 @@ def test_trained_unet_denoises(pipe):
     assert torch.mean((pred - noise) ** 2).item() < 0.2
 
 
+@pytest.mark.skipif(not (TOY.parent / "evaluator" / "model.safetensors").is_file(),
+                    reason="evaluator weights not trained yet")
+def test_base_draws_what_the_prompt_says(pipe):
+    """Issue 6: renders of the evaluator's fixed prompt set show the asked background, classes and colours
+    (24 prompts, one seed, 25 steps; bench/quality.py and build_info.json hold the 400-render figures)."""
+    from perfusion_hub import evaluator
+
+    pipe.set_progress_bar_config(disable=True)
+    r = evaluator.score_pipeline(pipe, evaluator.load(), evaluator.prompt_set(24), seeds=(0,), batch=24)
+    assert r["background"] >= 0.9 and r["one_object"]["all_basic"] >= 0.75, r
+    assert r["two_objects"]["classes"] >= 0.6, r
+
+
 def test_procedural_images_deterministic():
     import numpy as np
 
-    a = tiny_build.procedural_batch(np.random.default_rng(0), 3)
-    b = tiny_build.procedural_batch(np.random.default_rng(0), 3)
+    a = toy_build.procedural_batch(np.random.default_rng(0), 3)
+    b = toy_build.procedural_batch(np.random.default_rng(0), 3)
     assert torch.equal(a, b) and a.shape == (3, 3, 64, 64)
     assert a.min() >= -1 and a.max() <= 1 and a.std() > 0.1
+
+
+def test_base_settings_file_is_checked(tmp_path):
+    """pfx.json beside a diffusers folder: the toy base's own settings load; malformed ones are refused by name."""
+    from perfusion_hub.bases import base_settings, resolve_spec
+    from perfusion_hub.errors import BaseNotAvailable
+
+    toy = base_settings(resolve_spec("toy"))
+    assert toy["gate_positions"] == "prompt" and all(t.count("{}") == 1 for t in toy["templates"])
+    (tmp_path / "model_index.json").write_text("{}")
+    spec = resolve_spec(str(tmp_path))
+    assert base_settings(spec) == {}
+    for bad in ('{"gate_positions": "some"}', '{"templates": ["no slot"]}', '{"templates": []}', "[1, 2]", "{"):
+        (tmp_path / "pfx.json").write_text(bad)
+        with pytest.raises(BaseNotAvailable, match="pfx.json"):
+            base_settings(spec)

@@ -1,4 +1,4 @@
-"""Word lists, caption corpus and the tiny base's tokenizer (all cheap: ~5 s)."""
+"""Word lists, caption corpus and the toy base's tokenizer (all cheap: ~5 s)."""
 
 from __future__ import annotations
 

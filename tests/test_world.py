@@ -1,4 +1,4 @@
-"""The procedural world of the tiny base (perfusion_hub.world): determinism, reserved instances, captions."""
+"""The procedural world of the toy base (perfusion_hub.world): determinism, reserved instances, captions."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from perfusion_hub import world
-from perfusion_hub.tiny_build import TINY_DIR
+from perfusion_hub.toy_build import TOY_DIR
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(str(TINY_DIR / "tokenizer"))
+    return CLIPTokenizer.from_pretrained(str(TOY_DIR / "tokenizer"))
 
 
 def test_samples_deterministic():
@@ -43,7 +43,7 @@ def test_reserved_instances_never_in_base_training():
     m = world.mittens(rng)
     assert m.instance == "mittens" and m.cls == "cat" and m.color == "orange"
     scene = world.Scene(background="green", objects=[m])
-    generic = world.with_object(scene, instance=None)
+    generic = world.with_object(scene, instance=None, collar=None)  # a generic orange cat with white paws
     assert not (world.render(scene) == world.render(generic)).all()
     e = world.eames(rng)
     scene = world.Scene(background="pink", objects=[e])

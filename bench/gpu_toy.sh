@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One GPU chunk of toy-base work (run by the lent GPU machine from the repository root; results under $OUT).
+#   bash bench/gpu_toy.sh evaluator SECONDS TOTAL    train the evaluator, then chunk 0 of the base
+#   bash bench/gpu_toy.sh resume SECONDS TOTAL       continue from .toyckpt/ (the previous chunk's output)
+# EVAL_STEPS sets the evaluator's steps (default 6000); COMPILE=1 compiles the UNet.
+set -eu
+export PYTHONUNBUFFERED=1
+bash bench/gpu_setup.sh
+mode=$1; seconds=$2; total=$3
+if [ "$mode" = evaluator ]; then
+  python3 -m perfusion_hub.evaluator --out "$OUT/evaluator" --steps "${EVAL_STEPS:-6000}" --workers 16 2>&1 | tail -4
+  ev="$OUT/evaluator"; init=()
+else
+  ev=perfusion_hub/data/evaluator; init=(--init .toyckpt)
+fi
+python3 -m perfusion_hub.toy_train --out "$OUT/toy" "${init[@]}" --images 200000 --seconds "$seconds" \
+  --total-seconds "$total" --save-every 100 --workers 16 ${COMPILE:+--compile} --evaluator "$ev" 2>&1 \
+  | grep -v "Writing model shards\|should be kept in float32\|requires torchvision"
