@@ -1,0 +1,335 @@
+#!/usr/bin/env python
+"""Perfusion measured on the embedded `toy` base (issue 6): identity vs text alignment, ablations, composition.
+
+For each reserved instance of the procedural world (Mittens: superclass cat; the Eames chair: superclass
+chair), a concept is trained from 6 generator images of it (varied places, sizes, backgrounds), with the
+default recipe (400 steps, batch 16) by four methods at the same budget (perfusion_hub.train METHODS):
+
+  perfusion       key-locked rank-one edit (what pfx ships)
+  trained_keys    the same edit with trained key targets instead of locked ones
+  embedding_only  Textual-Inversion style: the token embedding alone
+  full_kv         Custom-Diffusion style: the embedding plus every attn2 to_k/to_v weight
+
+Each result renders a fixed set of prompts that put the instance in new contexts (other backgrounds, another
+object beside it), 4 images each (one batch, seed 0), 25 DDIM steps, guidance 7.5, and the shipped evaluator reads the
+images: identity = the instance's identity head > 0.5; text alignment = background, the other object's class
+and colour, and the concept's own class all right; relation = the stated relation holds between the boxes.
+Perfusion is swept over beta (the gate's threshold), giving the identity/alignment front. A superclass-word
+row (no concept) gives the identity head's false-positive level. Composition: "<cat-mittens> on
+<chair-eames>" with both concepts of a method, success = both identities and the relation "on".
+Also recorded: every method's file size and CPU training time (this machine, 2 threads).
+
+  python bench/quality.py                   # writes bench/results/quality-toy-<date>.json and .png
+  python bench/quality.py --stage base      # the base alone: quality-toy-base-<date>.json
+  python bench/quality.py --quick           # a smoke run (few steps, one image per prompt)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from perfusion_hub import evaluator, world
+from perfusion_hub.bases import load_base
+from perfusion_hub.covariance import packaged_covariance
+from perfusion_hub.loaders import add_tokens, load_concepts, runtime_of, unload_concepts
+from perfusion_hub.train import METHODS, TrainConfig, train_concept
+
+INSTANCES = {"cat-mittens": ("cat", "mittens", world.render_mittens),
+             "chair-eames": ("chair", "eames", world.render_eames)}
+BETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
+STEPS, GUIDANCE = 25, 7.5
+
+
+def prompt_specs(name: str) -> list[dict]:
+    """Prompts that put concept `name` in contexts its photos never showed."""
+    cls, ident, _ = INSTANCES[name]
+    trig = f"<{name}>"
+    specs = []
+    for bg in ("green", "yellow", "purple", "pink", "gray", "red"):
+        specs.append({"prompt": f"a photo of a {trig} on a {bg} background", "bg": bg, "objects": [(cls, None)],
+                      "position": None, "relation": None, "identity": [ident]})
+    others = [("ball", "red", "next to", "green"), ("tree", "green", "left of", "yellow"),
+              ("cup", "purple", "right of", "pink"), ("dog", "black", "next to", "white"),
+              ("ball", "yellow", "right of", "purple"), ("cup", "red", "left of", "gray")]
+    for ocls, ocol, rel, bg in others:
+        specs.append({"prompt": f"a {trig} {rel} a {ocol} {ocls} on a {bg} background", "bg": bg,
+                      "objects": [(cls, None), (ocls, ocol)], "position": None, "relation": rel,
+                      "identity": [ident]})
+    return specs
+
+
+def superclass_specs(name: str) -> list[dict]:
+    """The same prompts with the superclass word instead of the concept (no concept loaded)."""
+    cls = INSTANCES[name][0]
+    return [dict(s, prompt=s["prompt"].replace(f"<{name}>", cls)) for s in prompt_specs(name)]
+
+
+COMPOSITION = [{"prompt": f"a photo of a <cat-mittens> on a <chair-eames> on a {bg} background", "bg": bg,
+                "objects": [("cat", None), ("chair", None)], "position": None, "relation": "on",
+                "identity": ["mittens", "eames"]} for bg in ("green", "yellow", "pink", "gray", "purple", "white")]
+
+
+def judge_all(net, specs: list[dict], images_per_spec: list[list]) -> dict:
+    """Rates over every image: identity (all named instances seen), alignment, relation, and both."""
+    flat = [(sp, im) for sp, ims in zip(specs, images_per_spec) for im in ims]
+    r = evaluator.read(net, [im for _, im in flat])
+    rows = []
+    for i, (sp, _) in enumerate(flat):
+        j = evaluator.judge(sp, r, i)
+        ident = all(r[w][i] > 0.5 for w in sp["identity"])
+        rows.append({"identity": ident, "alignment": j["all_basic"], "relation": j["relation"],
+                     "identity_and_alignment": ident and j["all_basic"],
+                     "success": ident and j["all_basic"] and j["relation"] is not False})
+    out = {}
+    for k in rows[0]:
+        v = [x[k] for x in rows if x[k] is not None]
+        out[k] = round(float(np.mean(v)), 4) if v else None
+    out["n"] = len(rows)
+    return out
+
+
+class Method:
+    """Puts one trained result into the pipeline for rendering, and takes it out again."""
+
+    def __init__(self, method: str, result):
+        self.method, self.result = method, result
+
+    def load(self, base, cov):
+        c = self.result.concept
+        if self.method in ("perfusion", "trained_keys"):
+            load_concepts(base.pipe, [c], covariance=cov)
+            if self.method == "trained_keys":
+                rt = runtime_of(base.pipe)
+                st = rt.concepts[c.name]
+                st.key_targets = {k.rsplit(".", 1)[0]: v for k, v in self.result.extra.items()}
+                rt.touch()
+            return
+        add_tokens(base.pipe, [c.trigger], [c.token_embedding])
+        if self.method == "full_kv":
+            self._swap(base, self.result.extra)
+
+    def unload(self, base):
+        c = self.result.concept
+        if self.method in ("perfusion", "trained_keys"):
+            unload_concepts(base.pipe, [c.name])
+            return
+        if self.method == "full_kv":
+            self._swap(base, self.saved)
+        base.pipe.unload_textual_inversion(c.trigger)
+
+    def _swap(self, base, weights):
+        from perfusion_hub.processor import cross_attention_modules
+
+        mods = cross_attention_modules(base.pipe.unet)
+        saved = {}
+        with torch.no_grad():
+            for k, w in weights.items():
+                path, which = k.rsplit(".", 1)
+                lin = getattr(mods[path], which)
+                saved[k] = lin.weight.detach().clone()
+                lin.weight.copy_(w)
+        self.saved = saved
+
+
+def render_specs(base, specs, count: int, *, beta=None) -> list[list]:
+    """`count` images per spec (one batch, seed 0); concepts named in the prompt go through pfx's render, other
+    prompts through the plain pipeline."""
+    from perfusion_hub.render import render
+
+    out = []
+    rt = runtime_of(base.pipe)
+    known = set(rt.concepts) if rt is not None else set()
+    for sp in specs:
+        names = [w.strip("<>") for w in sp["prompt"].split() if w.startswith("<")]
+        if names and set(names) <= known:
+            b = {n: beta for n in names} if beta is not None else None
+            out.append(render(base, sp["prompt"], seed=0, count=count, steps=STEPS, guidance=GUIDANCE, beta=b).images)
+        else:
+            g = torch.Generator("cpu").manual_seed(0)
+            out.append(base.pipe(sp["prompt"], num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=g,
+                                 num_images_per_prompt=count, height=64, width=64).images)
+    return out
+
+
+def contact_sheet(images_per_spec: list[list], path: Path, limit: int = 6) -> None:
+    rows = [np.concatenate([np.asarray(im) for im in ims], 1) for ims in images_per_spec[:limit]]
+    Image.fromarray(np.concatenate(rows, 0)).save(path)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(INSTANCES)
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 5))
+    marks = {"trained_keys": "s", "embedding_only": "^", "full_kv": "D", "superclass word": "x"}
+    for ax, name in zip(axes, names):
+        inst = results["instances"][name]
+        sweep = inst["perfusion_beta_sweep"]
+        xs = [sweep[b]["alignment"] for b in sweep]
+        ys = [sweep[b]["identity"] for b in sweep]
+        ax.plot(xs, ys, "o-", label="perfusion (beta sweep)")
+        for b, x, y in zip(sweep, xs, ys):
+            ax.annotate(f"beta {b}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for m, mk in marks.items():
+            row = inst["methods"].get(m) if m != "superclass word" else inst["superclass_word"]
+            if row:
+                ev = row.get("eval", row)
+                ax.scatter([ev["alignment"]], [ev["identity"]], marker=mk, s=60, label=m)
+        ax.set_xlabel("text alignment (background + other object + class)")
+        ax.set_ylabel(f"identity ({INSTANCES[name][1]} recognised)")
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{name} on the toy base")
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def base_quality(args) -> dict:
+    """The base alone: the evaluator's fixed prompt set (200 prompts x 2 images, guidance 7.5 and 4) and the
+    time of one 25-step 64x64 render through pfx (median of 5, after one warm-up)."""
+    from perfusion_hub.render import render
+
+    base = load_base("toy", device="cpu", dtype="fp32")
+    base.pipe.set_progress_bar_config(disable=True)
+    net = evaluator.load()
+    specs = evaluator.prompt_set(200)
+    out = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+           f"{args.threads} CPU threads", "torch": torch.__version__, "base_digest": base.digest,
+           "prompts": len(specs), "images_per_prompt": 2}
+    for g in (7.5, 4.0):
+        t0 = time.perf_counter()
+        out[f"guidance_{g}"] = evaluator.score_pipeline(base.pipe, net, specs, seeds=(0, 1), guidance=g)
+        print(f"guidance {g}: {out[f'guidance_{g}']} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    render(base, "a red cat on a blue background", steps=STEPS)
+    times = []
+    for s in range(5):
+        t0 = time.perf_counter()
+        render(base, "a red cat on a blue background", steps=STEPS, seed=s)
+        times.append(time.perf_counter() - t0)
+    out["render_25_steps_s"] = {"median": round(sorted(times)[2], 3), "all": [round(t, 3) for t in times]}
+    print("render:", out["render_25_steps_s"], flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--images", type=int, default=4, help="images per prompt (one batch from seed 0)")
+    ap.add_argument("--photos", type=int, default=6)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 20 steps, 1 seed, two betas")
+    ap.add_argument("--stage", choices=("concepts", "base"), default="concepts",
+                    help="concepts: the concept measurements; base: the base alone (prompt set, render time)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.stage == "base":
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"quality-toy-base-{date.today().isoformat()}.json"
+        path.write_text(json.dumps(base_quality(args), indent=1) + "\n")
+        print(f"wrote {path}")
+        return 0
+    if args.quick:
+        args.steps, args.images = 20, 1
+    betas = BETAS if not args.quick else (0.6, 0.8)
+    torch.set_num_threads(args.threads)
+    methods = args.methods.split(",")
+    base = load_base("toy", device="cpu", dtype="fp32")
+    base.pipe.set_progress_bar_config(disable=True)
+    cov = packaged_covariance(base)
+    net = evaluator.load()
+    tag = f"quality-toy{'-quick' if args.quick else ''}-{date.today().isoformat()}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+               f"{args.threads} CPU threads", "torch": torch.__version__, "base": base.name,
+               "base_digest": base.digest, "recipe": {"steps": args.steps, "batch_size": 16,
+                                                      "photos": args.photos},
+               "render": {"steps": STEPS, "guidance": GUIDANCE, "images_per_prompt": args.images, "seed": 0,
+                          "size": 64},
+               "evaluator": json.loads((evaluator.EVAL_DIR / "info.json").read_text())["test_accuracy"],
+               "instances": {}, "composition": {}}
+    out_json = args.out / f"{tag}.json"
+
+    def dump():
+        out_json.write_text(json.dumps(results, indent=1) + "\n")
+
+    trained: dict[str, dict[str, Method]] = {m: {} for m in methods}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (cls, ident, draw) in INSTANCES.items():
+            photos = Path(tmp) / name
+            photos.mkdir()
+            for i in range(args.photos):
+                Image.fromarray(draw(i)).save(photos / f"{i}.png")
+            inst = results["instances"][name] = {"methods": {}}
+            ims = render_specs(base, superclass_specs(name), args.images)
+            inst["superclass_word"] = judge_all(net, superclass_specs(name), ims)
+            print(name, "superclass word", inst["superclass_word"], flush=True)
+            for m in methods:
+                cfg = TrainConfig(steps=args.steps, method=m, previews=0)
+                t0 = time.process_time(), time.perf_counter()
+                res = train_concept(base, photos, name=name, superclass=cls, covariance=cov,
+                                    out_path=Path(tmp) / f"{name}-{m}.safetensors", config=cfg)
+                cpu_s, wall_s = time.process_time() - t0[0], time.perf_counter() - t0[1]
+                meth = trained[m][name] = Method(m, res)
+                meth.load(base, cov)
+                try:
+                    specs = prompt_specs(name)
+                    ims = render_specs(base, specs, args.images)
+                    row = {"file_bytes": res.path.stat().st_size, "train_wall_s": round(wall_s, 1),
+                           "train_cpu_s": round(cpu_s, 1), "final_loss": round(float(np.mean(res.losses[-20:])), 5),
+                           "eval": judge_all(net, specs, ims)}
+                    contact_sheet(ims, args.out / f"{tag}-{name}-{m}.png")
+                    if m == "perfusion":
+                        inst["perfusion_beta_sweep"] = {}
+                        for b in betas:
+                            bi = render_specs(base, specs, args.images, beta=b)
+                            inst["perfusion_beta_sweep"][str(b)] = judge_all(net, specs, bi)
+                            print(name, "beta", b, inst["perfusion_beta_sweep"][str(b)], flush=True)
+                finally:
+                    meth.unload(base)
+                inst["methods"][m] = row
+                print(name, m, row, flush=True)
+                dump()
+        for m in methods:
+            if len(trained[m]) != 2 or m == "full_kv":
+                continue  # Custom-Diffusion weights of two concepts do not add up without a merge step
+            for meth in trained[m].values():
+                meth.load(base, cov)
+            try:
+                ims = render_specs(base, COMPOSITION, args.images)
+                results["composition"][m] = judge_all(net, COMPOSITION, ims)
+                contact_sheet(ims, args.out / f"{tag}-composition-{m}.png")
+            finally:
+                for meth in trained[m].values():
+                    meth.unload(base)
+            print("composition", m, results["composition"][m], flush=True)
+            dump()
+    dump()
+    if "perfusion" in methods:
+        plot(results, args.out / f"{tag}.png")
+    print(f"wrote {out_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
