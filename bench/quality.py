@@ -46,7 +46,7 @@ from perfusion_hub import evaluator, world
 from perfusion_hub.bases import load_base
 from perfusion_hub.covariance import packaged_covariance
 from perfusion_hub.loaders import add_tokens, load_concepts, runtime_of, unload_concepts
-from perfusion_hub.train import METHODS, TrainConfig, train_concept
+from perfusion_hub.train import METHODS, TrainConfig, swap_kv_weights, train_concept
 
 INSTANCES = {"cat-mittens": ("cat", "mittens", world.render_mittens),
              "chair-eames": ("chair", "eames", world.render_eames)}
@@ -134,15 +134,7 @@ class Method:
     def _swap(self, base, weights):
         from perfusion_hub.processor import cross_attention_modules
 
-        mods = cross_attention_modules(base.pipe.unet)
-        saved = {}
-        with torch.no_grad():
-            for k, w in weights.items():
-                path, which = k.rsplit(".", 1)
-                lin = getattr(mods[path], which)
-                saved[k] = lin.weight.detach().clone()
-                lin.weight.copy_(w)
-        self.saved = saved
+        self.saved = swap_kv_weights(cross_attention_modules(base.pipe.unet), weights)
 
 
 def render_specs(base, specs, count: int, *, beta=None) -> list[list]:

@@ -44,10 +44,8 @@ TEST_SEED_BASE = 60_000_000
 # scenes and labels
 # --------------------------------------------------------------------------------------------------
 def _as_instance(o: world.Obj, which: str) -> world.Obj:
-    if which == "mittens":
-        return replace(o, cls="cat", color="orange", pattern="plain", instance="mittens", mirror=False,
-                       collar="blue", paws="white")
-    return replace(o, cls="chair", color="brown", pattern="plain", instance="eames", shell=True, legs="brown")
+    o = replace(o, **world.INSTANCE_PARTS[which])
+    return replace(o, mirror=False) if which == "mittens" else o  # cats are never mirrored
 
 
 def _near_miss(o: world.Obj, rng) -> world.Obj:
@@ -340,10 +338,7 @@ def summarize(results: list[dict]) -> dict:
 def accuracy(net: Evaluator, n: int = 4000, seed_base: int = TEST_SEED_BASE, workers: int = 1) -> dict:
     """Per-attribute accuracy on n fresh labelled scenes (seeds never used in training)."""
     scenes = [eval_scene(seed_base + i) for i in range(n)]
-    if workers > 1:
-        imgs, _ = make_dataset(n, seed_base, workers)
-    else:
-        imgs = np.stack([world.render(s) for s in scenes])
+    imgs, _ = make_dataset(n, seed_base, workers)
     r = read(net, imgs)
     hits: dict[str, list[bool]] = {k: [] for k in ("background", "texture", "classes", "colour", "pattern",
                                                      "position", "relation", "mittens", "eames")}

@@ -194,12 +194,12 @@ def main(argv=None) -> None:
     if args.compile:
         unet_fwd = torch.compile(unet)
 
-    def loss_fn(x0, tok_ids, t, noise, w=None, net=None):
+    def loss_fn(x0, tok_ids, t, noise, w=None, net=unet, encoder=text):
         a = ac[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with amp:
-            ehs = text(tok_ids)[0]
-            pred = (unet if net is None else net)(xt, t, ehs).sample
+            ehs = encoder(tok_ids)[0]
+            pred = net(xt, t, ehs).sample
         per = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
         return per if w is None else (per * w[t]).mean()
 
@@ -209,17 +209,9 @@ def main(argv=None) -> None:
     vnoise = torch.randn(vlat.shape, generator=vg, device=dev)
 
     @torch.no_grad()
-    def validate():
-        # the EMA text encoder goes with the EMA UNet: swap the weights in for the validation pass
-        text.eval(); unet.eval()
-        saved = [p.detach().clone() for p in params]
-        for p, e in zip(params, ema_params):
-            p.copy_(e)
-        per = torch.cat([loss_fn(vlat[i:i + 512], vids_t[i:i + 512], vt[i:i + 512], vnoise[i:i + 512])
-                         for i in range(0, len(vlat), 512)])
-        for p, s_ in zip(params, saved):
-            p.copy_(s_)
-        text.train(); unet.train()
+    def validate():  # the EMA weights, as they ship
+        per = torch.cat([loss_fn(vlat[i:i + 512], vids_t[i:i + 512], vt[i:i + 512], vnoise[i:i + 512],
+                                 net=ema_unet, encoder=ema_text) for i in range(0, len(vlat), 512)])
         lo, hi = vt < 300, vt >= 700
         return {"mse": per.mean().item(), "mse_t_lt_300": per[lo].mean().item(), "mse_t_ge_700": per[hi].mean().item()}
 

@@ -346,13 +346,10 @@ def train_concept(
         if rt is not None:
             rt.uninstall()
         if kv_saved:  # full_kv: keep what was learned, give the base its weights back
-            with torch.no_grad():
-                for k, w in kv_saved.items():
-                    path, which = k.rsplit(".", 1)
-                    m = getattr(layers[path], which)
-                    extra[k] = m.weight.detach().float().cpu().clone()
-                    m.weight.copy_(w)
-                    m.weight.requires_grad_(False)
+            extra = {k: w.float().cpu() for k, w in swap_kv_weights(layers, kv_saved).items()}
+            for a in layers.values():
+                a.to_k.weight.requires_grad_(False)
+                a.to_v.weight.requires_grad_(False)
         pipe.unload_textual_inversion(trigger)
     if cfg.method == "trained_keys":
         extra = {f"{p}.key_target": v.detach().float().cpu() for p, v in state.key_targets.items()}
@@ -387,6 +384,18 @@ def train_concept(
         previews = render_previews(base, concept, covariance, out.with_suffix(""), count=cfg.previews,
                                    steps=cfg.preview_steps, seed=cfg.seed)
     return TrainResult(concept, out, previews, losses, time.perf_counter() - t0, warnings_seen)
+
+
+@torch.no_grad()
+def swap_kv_weights(layers: dict, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Write {"<attn2 path>.to_k" / ".to_v": weight} into those layers; returns copies of what they held."""
+    old = {}
+    for k, w in weights.items():
+        path, which = k.rsplit(".", 1)
+        lin = getattr(layers[path], which)
+        old[k] = lin.weight.detach().clone()
+        lin.weight.copy_(w)
+    return old
 
 
 def _world() -> tuple[int, int]:

@@ -337,18 +337,25 @@ def _instance_scene(rng, obj: Obj, background, texture) -> Scene:
     return Scene(background=bg, texture=tex, objects=[obj], seed=int(rng.integers(2**31)))
 
 
+# what makes each reserved instance (its drawing adds the teal/walnut of the Eames chair)
+INSTANCE_PARTS = {
+    "mittens": {"cls": "cat", "color": "orange", "pattern": "plain", "instance": "mittens", "collar": "blue",
+                "paws": "white"},
+    "eames": {"cls": "chair", "color": "brown", "pattern": "plain", "instance": "eames", "shell": True,
+              "legs": "brown"},
+}
+
+
 def mittens(rng: np.random.Generator, size: str | None = None) -> Obj:
     size = size or _pick(rng, ("medium", "medium", "large"))
-    return Obj(cls="cat", color="orange", size=size, pattern="plain", cx=0.5, cy=0.5,
-               s=float(rng.uniform(*SIZES[size])), instance="mittens", seed=int(rng.integers(2**31)),
-               collar="blue", paws="white")
+    return Obj(size=size, cx=0.5, cy=0.5, s=float(rng.uniform(*SIZES[size])), seed=int(rng.integers(2**31)),
+               **INSTANCE_PARTS["mittens"])
 
 
 def eames(rng: np.random.Generator, size: str | None = None) -> Obj:
     size = size or _pick(rng, ("medium", "medium", "large"))
-    return Obj(cls="chair", color="brown", size=size, pattern="plain", cx=0.5, cy=0.5,
-               s=float(rng.uniform(*SIZES[size])), mirror=bool(rng.random() < 0.5), instance="eames",
-               seed=int(rng.integers(2**31)), shell=True, legs="brown")
+    return Obj(size=size, cx=0.5, cy=0.5, s=float(rng.uniform(*SIZES[size])), mirror=bool(rng.random() < 0.5),
+               seed=int(rng.integers(2**31)), **INSTANCE_PARTS["eames"])
 
 
 def render_mittens(seed: int, background: str | None = None, texture: str | None = None) -> np.ndarray:
