@@ -10,12 +10,16 @@ are turned into ids with a word table (`CaptionIds`) instead of the (slow) token
 Reserved instances never appear in base-training scenes (`sample_scene` cannot draw them):
 
 * ``mittens``: an orange cat with white paws and a blue collar. Generic cats may wear a collar and have
-  paws of another colour (neither is ever captioned), but never this combination;
+  paws of another colour, but never this combination;
 * ``eames``: a shell chair (a curved shell on splayed legs) with a teal shell and walnut legs. Generic chairs
   are straight four-legged chairs or shell chairs whose shell has one of the world's colours (teal is not
   one of them) on brown, black, gray or white legs.
 
-So each instance is a new combination of parts the base can draw, which a concept has to pin down.
+So each instance is a new combination of parts the base can draw, which a concept has to pin down. Captions
+may name the parts, in words that are single tokens: a collar is "a blue scarf", coloured paws are "white
+socks", a shell chair is a "shell chair" (leg colours are never named). A base that can be asked for the
+parts is what a personal concept needs: on a base whose captions never named collars or paws, no value
+edit could bring them back (Mittens' identity 2%, bench/README.md).
 
 `render_mittens` / `render_eames` draw them in varied positions, sizes and backgrounds: they are the
 personal concepts that users would train. Everything is deterministic given a numpy Generator / seed.
@@ -392,7 +396,16 @@ def _obj_phrase(rng, o: Obj) -> str:
         words.append("plain")
     if rng.random() < 0.9:
         words.append(o.color)
+    if o.shell and rng.random() < 0.7:
+        words.append("shell")
     words.append(o.cls)
+    parts = []
+    if o.collar and rng.random() < 0.7:
+        parts.append(f"a {o.collar} scarf")
+    if o.paws and rng.random() < 0.7:
+        parts.append(f"{o.paws} socks")
+    if parts:
+        words += ["with", " and ".join(parts)]
     return " ".join(words)
 
 
@@ -441,7 +454,7 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
 def vocabulary() -> list[str]:
     """Every word a caption can use."""
     words = {"a", "an", "on", "the", "left", "right", "at", "top", "and", "background", "next", "to", "of",
-             "checkered", "plain", *CLASSES, *COLOR_NAMES, *PATTERNS, *TEXTURES}
+             "checkered", "plain", "with", "scarf", "socks", "shell", *CLASSES, *COLOR_NAMES, *PATTERNS, *TEXTURES}
     for ws in SIZE_WORDS.values():
         words.update(ws)
     for p in PREFIXES:

@@ -64,6 +64,25 @@ def test_every_caption_word_is_one_token(tokenizer):
             assert to_ids(c).tolist() == ref, c
 
 
+def test_captions_name_parts_truthfully():
+    """A caption names a cat's collar ("a blue scarf"), its paws ("white socks") and a shell chair ("shell")
+    only when the scene has them, in their colours; every kind of mention occurs."""
+    seen = set()
+    for s in range(3000):
+        rng = np.random.default_rng([s, 9])
+        scene = world.sample_scene(rng)
+        text = world.caption(scene, rng).replace("an orange", "a orange")
+        cats = [o for o in scene.objects if o.cls == "cat"]
+        for part, attr, phrase in (("scarf", "collar", "{} scarf"), ("socks", "paws", "{} socks")):
+            if part in text:
+                seen.add(part)
+                assert any(getattr(o, attr) and phrase.format(getattr(o, attr)) in text for o in cats), text
+        if "shell" in text:
+            seen.add("shell")
+            assert any(o.shell for o in scene.objects) and "shell chair" in text, text
+    assert seen == {"scarf", "socks", "shell"}
+
+
 def test_instances_vary_position_and_background():
     imgs = [world.render_mittens(s) for s in range(6)] + [world.render_eames(s) for s in range(6)]
     assert len({im.tobytes() for im in imgs}) == 12
