@@ -189,6 +189,9 @@ def register(cli: click.Group) -> None:
 @click.option("--micro-batch", type=click.IntRange(0, 1024), default=0, help="Per forward (0: auto).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-flip", is_flag=True, help="No horizontal flips (asymmetric subjects).")
+@click.option("--embedding-norm", type=click.FloatRange(0, 100, max_open=True),
+              help="Cap the concept embedding's norm at this multiple of the superclass word's; 0: no cap "
+                   "(default: the base's pfx.json, else 0).")
 @click.option("--devices", type=click.IntRange(1, 64), default=1, show_default=True, help="GPUs, data-parallel.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint of the same run.")
 @click.option("--fast", is_flag=True, help="Compile the UNet (GPU; same math).")
@@ -201,8 +204,8 @@ def register(cli: click.Group) -> None:
 @click.option("--description", default="")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def train(obj, photos, name, superclass, version_, base, steps, batch_size, micro_batch, seed, no_flip, devices,
-          resume, fast, captions, device, dtype, tokenizer, previews, license_, description, as_json):
+def train(obj, photos, name, superclass, version_, base, steps, batch_size, micro_batch, seed, no_flip, embedding_norm,
+          devices, resume, fast, captions, device, dtype, tokenizer, previews, license_, description, as_json):
     """Learn a concept from a folder of photos (optional masks/ beside them)."""
     from registry.names import validate_name
     from registry.versions import parse_version
@@ -223,7 +226,7 @@ def train(obj, photos, name, superclass, version_, base, steps, batch_size, micr
     work.mkdir(exist_ok=True)
     run_id = f"{name.replace('/', '--')}-{version_}"
     cfg = TrainConfig(steps=steps, batch_size=batch_size, micro_batch=micro_batch, seed=seed, flip=not no_flip,
-                      previews=previews)
+                      previews=previews, embedding_norm=embedding_norm)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=work) as tmp, progress(steps, "train") as bar:
         def on_step(step, total, loss):

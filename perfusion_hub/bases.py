@@ -258,6 +258,7 @@ def load_base(
     settings = base_settings(spec)
     pipe._pfx_gate_positions = settings.get("gate_positions", "all")
     pipe._pfx_templates = settings.get("templates")
+    pipe._pfx_embedding_norm = settings.get("embedding_norm", 0.0)
     if digest is None and load_dtype != torch_dtype:
         digest = compute_digest(pipe)
     pipe.to(dev, torch_dtype)
@@ -268,8 +269,9 @@ def load_base(
 
 def base_settings(spec: BaseSpec) -> dict:
     """A diffusers folder may carry pfx.json with Perfusion settings of that base: "gate_positions" ("all" or
-    "prompt", see processor.PerfusionRuntime) and "templates" (training prompts in the base's own caption
-    grammar, each with one {} for the concept token)."""
+    "prompt", see processor.PerfusionRuntime), "templates" (training prompts in the base's own caption
+    grammar, each with one {} for the concept token) and "embedding_norm" (training caps the concept token's
+    embedding norm at this multiple of the superclass word's; 0: no cap)."""
     import json
 
     path = Path(spec.location) / "pfx.json" if spec.kind in ("embedded", "dir") else None
@@ -287,6 +289,9 @@ def base_settings(spec: BaseSpec) -> dict:
     if t is not None and (not isinstance(t, list) or not t or not all(isinstance(x, str) and x.count("{}") == 1
                                                                         for x in t)):
         raise BaseNotAvailable(f"{path}: templates must be a list of prompts with one {{}} each")
+    n = out.get("embedding_norm", 0.0)
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not 0 <= n < 100:
+        raise BaseNotAvailable(f"{path}: embedding_norm must be a number in [0, 100)")
     return out
 
 

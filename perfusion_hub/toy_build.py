@@ -111,10 +111,13 @@ PFX_SETTINGS = {
     "gate_positions": "prompt",
     "why": "this small text encoder's padding encodings copy the prompt's last word, so with every position gated "
            "a concept's edit would open on ~70 padding positions and wipe out the rest of the prompt (measured: "
-           "backgrounds lost); gates open only on the prompt's own tokens",
+           "backgrounds lost); gates open only on the prompt's own tokens. embedding_norm: unbounded, the concept "
+           "token's embedding grew to ~4x a word's and, through causal attention, rewrote the words after it",
     # training prompts in the world's caption grammar (words the text encoder was trained on)
     "templates": ["a photo of a {}", "a picture of a {}", "an image of a {}", "a {}", "a photograph of a {}",
                   "a good photo of a {}"],
+    # the concept token's embedding stays within the superclass word's norm (measured in bench/README.md)
+    "embedding_norm": 1.0,
 }
 TEXT_CONFIG = {
     "hidden_size": 128,

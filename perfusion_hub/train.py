@@ -49,6 +49,9 @@ class TrainConfig:
     micro_batch: int = 0  # 0: the whole batch on GPU or for small bases, else 4 (CPU memory)
     lr_values: float = 0.03
     lr_embedding: float = 0.006
+    # >0: after every step the token embedding's norm is capped at this multiple of the superclass word's embedding
+    # norm; None: the base's own setting (pfx.json "embedding_norm"), else 0 (no cap: the paper's recipe)
+    embedding_norm: float | None = None
     weight_decay: float = 0.0
     train_beta: float = 0.75
     train_tau: float = 0.1
@@ -184,6 +187,8 @@ def train_concept(
     pipe = base.pipe
     if cfg.templates is None:
         cfg = replace(cfg, templates=tuple(getattr(pipe, "_pfx_templates", None) or TEMPLATES))
+    if cfg.embedding_norm is None:
+        cfg = replace(cfg, embedding_norm=float(getattr(pipe, "_pfx_embedding_norm", 0.0)))
     tok, te, unet, vae, sched = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, pipe.scheduler
     device, dtype = torch.device(base.device), base.dtype
     warnings_seen: list[str] = []
@@ -290,6 +295,7 @@ def train_concept(
             raise BadInput(f"batch size {cfg.batch_size} does not split evenly over {world} devices")
         share = cfg.batch_size // world  # this process's samples of every step: [rank*share, (rank+1)*share)
         params = [p for g in groups for p in g["params"]]
+        cap = cfg.embedding_norm * float(emb_init.norm())
         while step < cfg.steps:
             opt.zero_grad(set_to_none=True)
             concept_enc = torch.zeros(te.config.hidden_size, dtype=torch.float32, device=device)
@@ -330,6 +336,8 @@ def train_concept(
                 _all_reduce_sum([p.grad for p in params] + [concept_enc, step_loss])
             opt.step()
             with torch.no_grad():
+                if cap:
+                    embedding.mul_((cap / embedding.norm()).clamp(max=1.0))
                 state.target_input = cfg.ema * state.target_input + (1 - cfg.ema) * concept_enc / cfg.batch_size
             if rt is not None:
                 rt.touch()
@@ -450,7 +458,8 @@ def _concept_metadata(name, version, superclass, trigger, base, cov, cfg, photos
     training = {
         "steps": step, "batch_size": cfg.batch_size, "lr_values": cfg.lr_values, "lr_embedding": cfg.lr_embedding,
         "weight_decay": cfg.weight_decay, "train_beta": cfg.train_beta, "train_tau": cfg.train_tau,
-        "ema": cfg.ema, "flip": cfg.flip, "seed": cfg.seed, "num_images": len(photos),
+        "ema": cfg.ema, "flip": cfg.flip, "seed": cfg.seed, "embedding_norm": cfg.embedding_norm,
+        "num_images": len(photos),
         "image_digests": [p.digest for p in photos], "masks": sum(p.mask is not None for p in photos),
         "final_loss": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 6), "resolution": base.resolution,
     }

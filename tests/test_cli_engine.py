@@ -42,8 +42,15 @@ def test_train_render_and_versions(home, tmp_path):
     out = json.loads(run("train", str(photos), "--name", "cat-mittens", "--superclass", "cat", *TRAIN, "--json").stdout)
     assert out["version"] == "0.1.0" and out["manifest"].startswith("sha256:")
     again = json.loads(run("train", str(photos), "--name", "cat-mittens", "--superclass", "cat", *TRAIN,
-                           "--json").stdout)
+                           "--embedding-norm", "0.5", "--json").stdout)
     assert again["version"] == "0.2.0"
+    from perfusion_hub.concept import load_concept
+
+    def trained_with(out):
+        hexd = out["concept"]["digest"].split(":")[1]
+        return load_concept(home / "blobs" / "sha256" / hexd[:2] / hexd).training()["embedding_norm"]
+
+    assert (trained_with(out), trained_with(again)) == (1.0, 0.5)  # the toy base's pfx.json, then the option
     listed = json.loads(run("list", "--json").stdout)
     assert sorted(r["version"] for r in listed if r["name"] == "cat-mittens") == ["0.1.0", "0.2.0"]
 

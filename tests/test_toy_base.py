@@ -224,10 +224,12 @@ def test_base_settings_file_is_checked(tmp_path):
 
     toy = base_settings(resolve_spec("toy"))
     assert toy["gate_positions"] == "prompt" and all(t.count("{}") == 1 for t in toy["templates"])
+    assert toy["embedding_norm"] == 1.0
     (tmp_path / "model_index.json").write_text("{}")
     spec = resolve_spec(str(tmp_path))
     assert base_settings(spec) == {}
-    for bad in ('{"gate_positions": "some"}', '{"templates": ["no slot"]}', '{"templates": []}', "[1, 2]", "{"):
+    for bad in ('{"gate_positions": "some"}', '{"templates": ["no slot"]}', '{"templates": []}', "[1, 2]", "{",
+                '{"embedding_norm": -1}', '{"embedding_norm": "1"}', '{"embedding_norm": true}'):
         (tmp_path / "pfx.json").write_text(bad)
         with pytest.raises(BaseNotAvailable, match="pfx.json"):
             base_settings(spec)

@@ -195,3 +195,17 @@ def test_ablation_methods_train_what_they_say_and_give_the_base_back(clean_base,
     assert sizes["embedding_only"] < ref.path.stat().st_size < sizes["trained_keys"] < sizes["full_kv"]
     with pytest.raises(BadInput, match="unknown training method"):
         _train(clean_base, toy_cov, photos, tmp_path / "x.safetensors", cfg={"method": "dreambooth"})
+
+
+def test_embedding_norm_cap_from_the_base(clean_base, toy_cov, tmp_path):
+    """The toy base's pfx.json caps the concept embedding's norm at the superclass word's; without the cap the
+    same steps grow it past that, so the cap is what holds it (and the concept records the setting)."""
+    photos = photo_folder(tmp_path / "photos")
+    emb = clean_base.pipe.text_encoder.get_input_embeddings().weight.detach()
+    limit = float(emb[clean_base.pipe.tokenizer.convert_tokens_to_ids("cat</w>")].norm())
+    fast = {"steps": 4, "lr_embedding": 0.05}
+    capped = _train(clean_base, toy_cov, photos, tmp_path / "a.safetensors", cfg=fast)
+    free = _train(clean_base, toy_cov, photos, tmp_path / "b.safetensors", cfg={**fast, "embedding_norm": 0.0})
+    assert float(capped.concept.token_embedding.norm()) <= limit * (1 + 1e-5)
+    assert float(free.concept.token_embedding.norm()) > 1.2 * limit
+    assert capped.concept.training()["embedding_norm"] == 1.0 and free.concept.training()["embedding_norm"] == 0.0
