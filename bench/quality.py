@@ -16,7 +16,8 @@ images: identity = the instance's identity head > 0.5; text alignment = backgrou
 and colour, and the concept's own class all right; relation = the stated relation holds between the boxes.
 Perfusion is swept over beta (the gate's threshold), giving the identity/alignment front. A superclass-word
 row (no concept) gives the identity head's false-positive level. Composition: "<cat-mittens> on
-<chair-eames>" with both concepts of a method, success = both identities and the relation "on".
+<chair-eames>" with both concepts of a method, success = both identities and the relation "on"; and the
+README's first render ("a photo of cat-mittens on chair-eames", pfx render's defaults) at seeds 0-11.
 Also recorded: every method's file size and CPU training time (this machine, 2 threads).
 
   python bench/quality.py                   # writes bench/results/quality-toy-<date>.json and .png
@@ -46,6 +47,7 @@ from perfusion_hub import evaluator, world
 from perfusion_hub.bases import load_base
 from perfusion_hub.covariance import packaged_covariance
 from perfusion_hub.loaders import add_tokens, load_concepts, runtime_of, unload_concepts
+from perfusion_hub.render import render
 from perfusion_hub.train import METHODS, TrainConfig, swap_kv_weights, train_concept
 
 INSTANCES = {"cat-mittens": ("cat", "mittens", world.render_mittens),
@@ -72,15 +74,25 @@ def prompt_specs(name: str) -> list[dict]:
     return specs
 
 
-def superclass_specs(name: str) -> list[dict]:
-    """The same prompts with the superclass word instead of the concept (no concept loaded)."""
-    cls = INSTANCES[name][0]
-    return [dict(s, prompt=s["prompt"].replace(f"<{name}>", cls)) for s in prompt_specs(name)]
+def superclass_specs(name: str, words: str | None = None) -> list[dict]:
+    """The same prompts with the superclass word (or `words`) instead of the concept (no concept loaded)."""
+    words = words or INSTANCES[name][0]
+    return [dict(s, prompt=s["prompt"].replace(f"<{name}>", words).replace("a orange", "an orange"))
+            for s in prompt_specs(name)]
+
+
+# the instances as near as the base's words come: Mittens' parts have words (chunk 3 of the base captions them),
+# the Eames chair's teal does not (no world colour is teal)
+DESCRIPTIONS = {"cat-mittens": "orange cat with a blue scarf and white socks", "chair-eames": "teal shell chair"}
 
 
 COMPOSITION = [{"prompt": f"a photo of a <cat-mittens> on a <chair-eames> on a {bg} background", "bg": bg,
                 "objects": [("cat", None), ("chair", None)], "position": None, "relation": "on",
                 "identity": ["mittens", "eames"]} for bg in ("green", "yellow", "pink", "gray", "purple", "white")]
+# the README's first render (`pfx render "a photo of cat-mittens on chair-eames"`), at seeds 0..FIRST_RUN_SEEDS-1
+FIRST_RUN = {"prompt": "a photo of <cat-mittens> on <chair-eames>", "bg": None, "objects": [("cat", None), ("chair", None)],
+             "position": None, "relation": "on", "identity": ["mittens", "eames"]}
+FIRST_RUN_SEEDS = 12
 
 
 def judge_all(net, specs: list[dict], images_per_spec: list[list]) -> dict:
@@ -140,8 +152,6 @@ class Method:
 def render_specs(base, specs, count: int, *, beta=None) -> list[list]:
     """`count` images per spec (one batch, seed 0); concepts named in the prompt go through pfx's render, other
     prompts through the plain pipeline."""
-    from perfusion_hub.render import render
-
     out = []
     rt = runtime_of(base.pipe)
     known = set(rt.concepts) if rt is not None else set()
@@ -196,10 +206,9 @@ def plot(results: dict, path: Path) -> None:
 
 
 def base_quality(args) -> dict:
-    """The base alone: the evaluator's fixed prompt set (200 prompts x 2 images, guidance 7.5 and 4) and the
-    time of one 25-step 64x64 render through pfx (median of 5, after one warm-up)."""
-    from perfusion_hub.render import render
-
+    """The base alone: the evaluator's fixed prompt set (200 prompts x 2 images, guidance 7.5 and 4), each
+    instance's new-context prompts with the instance described in words (no concept), and the time of one
+    25-step 64x64 render through pfx (median of 5, after one warm-up)."""
     base = load_base("toy", device="cpu", dtype="fp32")
     base.pipe.set_progress_bar_config(disable=True)
     net = evaluator.load()
@@ -211,6 +220,12 @@ def base_quality(args) -> dict:
         t0 = time.perf_counter()
         out[f"guidance_{g}"] = evaluator.score_pipeline(base.pipe, net, specs, seeds=(0, 1), guidance=g)
         print(f"guidance {g}: {out[f'guidance_{g}']} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    out["described_in_words"] = {}
+    for name, words in DESCRIPTIONS.items():
+        specs = superclass_specs(name, words)
+        out["described_in_words"][name] = dict(judge_all(net, specs, render_specs(base, specs, args.images)),
+                                               words=words)
+        print(name, "described:", out["described_in_words"][name], flush=True)
     render(base, "a red cat on a blue background", steps=STEPS)
     times = []
     for s in range(5):
@@ -230,6 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--photos", type=int, default=6)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--embedding-norm", type=float, default=None,
+                    help="override the base's bound on the concept embedding's norm (0: none); results get a -norm tag")
     ap.add_argument("--quick", action="store_true", help="smoke run: 20 steps, 1 seed, two betas")
     ap.add_argument("--stage", choices=("concepts", "base"), default="concepts",
                     help="concepts: the concept measurements; base: the base alone (prompt set, render time)")
@@ -250,12 +267,15 @@ def main(argv=None) -> int:
     base.pipe.set_progress_bar_config(disable=True)
     cov = packaged_covariance(base)
     net = evaluator.load()
-    tag = f"quality-toy{'-quick' if args.quick else ''}-{date.today().isoformat()}"
+    norm_tag = "" if args.embedding_norm is None else f"-norm{args.embedding_norm:g}"
+    tag = f"quality-toy{'-quick' if args.quick else ''}{norm_tag}-{date.today().isoformat()}"
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
                f"{args.threads} CPU threads", "torch": torch.__version__, "base": base.name,
-               "base_digest": base.digest, "recipe": {"steps": args.steps, "batch_size": 16,
-                                                      "photos": args.photos},
+               "base_digest": base.digest, "recipe": {
+                   "steps": args.steps, "batch_size": 16, "photos": args.photos,
+                   "embedding_norm": getattr(base.pipe, "_pfx_embedding_norm", 0.0) if args.embedding_norm is None
+                   else args.embedding_norm},
                "render": {"steps": STEPS, "guidance": GUIDANCE, "images_per_prompt": args.images, "seed": 0,
                           "size": 64},
                "evaluator": json.loads((evaluator.EVAL_DIR / "info.json").read_text())["test_accuracy"],
@@ -277,7 +297,7 @@ def main(argv=None) -> int:
             inst["superclass_word"] = judge_all(net, superclass_specs(name), ims)
             print(name, "superclass word", inst["superclass_word"], flush=True)
             for m in methods:
-                cfg = TrainConfig(steps=args.steps, method=m, previews=0)
+                cfg = TrainConfig(steps=args.steps, method=m, previews=0, embedding_norm=args.embedding_norm)
                 t0 = time.process_time(), time.perf_counter()
                 res = train_concept(base, photos, name=name, superclass=cls, covariance=cov,
                                     out_path=Path(tmp) / f"{name}-{m}.safetensors", config=cfg)
@@ -311,6 +331,13 @@ def main(argv=None) -> int:
                 ims = render_specs(base, COMPOSITION, args.images)
                 results["composition"][m] = judge_all(net, COMPOSITION, ims)
                 contact_sheet(ims, args.out / f"{tag}-composition-{m}.png")
+                if m == "perfusion":
+                    first = [render(base, FIRST_RUN["prompt"], seed=s, steps=STEPS, guidance=GUIDANCE).images
+                             for s in range(FIRST_RUN_SEEDS)]
+                    results["first_run"] = judge_all(net, [FIRST_RUN] * FIRST_RUN_SEEDS, first)
+                    results["first_run"]["seed_0_success"] = judge_all(net, [FIRST_RUN], first[:1])["success"]
+                    contact_sheet([[im for ims in first for im in ims]], args.out / f"{tag}-first-run.png")
+                    print("first run", results["first_run"], flush=True)
             finally:
                 for meth in trained[m].values():
                     meth.unload(base)

@@ -283,10 +283,10 @@ def prompt_set(n: int = 200, seed: int = 0) -> list[dict]:
 
 def judge(spec: dict, r: dict, i: int) -> dict:
     """Whether render i (evaluator reading `r`) shows what `spec` asks: background, classes, colours (an object
-    whose colour is None, a personal concept, is only looked for), and where asked, the position or relation
-    (None when not asked)."""
+    whose colour is None, a personal concept, is only looked for), and where asked, the background, position or
+    relation (None when not asked)."""
     ks = [world.CLASSES.index(c) for c, _ in spec["objects"]]
-    out = {"background": bool(r["bg"][i] == world.COLOR_NAMES.index(spec["bg"])),
+    out = {"background": None if spec["bg"] is None else bool(r["bg"][i] == world.COLOR_NAMES.index(spec["bg"])),
            "classes": bool(all(r["present"][i, k] for k in ks)),
            "colours": bool(all(r["present"][i, k] and r["color"][i, k] == world.COLOR_NAMES.index(c)
                                for k, (_, c) in zip(ks, spec["objects"]) if c is not None)),
@@ -296,7 +296,7 @@ def judge(spec: dict, r: dict, i: int) -> dict:
     if spec["relation"]:
         out["relation"] = bool(out["classes"] and relation_holds(spec["relation"], r["box"][i, ks[0]],
                                                                  r["box"][i, ks[1]]))
-    out["all_basic"] = out["background"] and out["classes"] and out["colours"]
+    out["all_basic"] = out["background"] is not False and out["classes"] and out["colours"]
     return out
 
 
