@@ -18,7 +18,7 @@ Perfusion is swept over beta (the gate's threshold), giving the identity/alignme
 row (no concept) gives the identity head's false-positive level. Composition: "<cat-mittens> on
 <chair-eames>" with both concepts of a method, success = both identities and the relation "on"; and the
 README's first render ("a photo of cat-mittens on chair-eames", pfx render's defaults) at seeds 0-11.
-Also recorded: every method's file size and CPU training time (this machine, 2 threads).
+Also recorded: every method's file size and CPU training time (this machine, --threads threads).
 
   python bench/quality.py                   # writes bench/results/quality-toy-<date>.json and .png
   python bench/quality.py --stage base      # the base alone: quality-toy-base-<date>.json
