@@ -90,8 +90,9 @@ COMPOSITION = [{"prompt": f"a photo of a <cat-mittens> on a <chair-eames> on a {
                 "objects": [("cat", None), ("chair", None)], "position": None, "relation": "on",
                 "identity": ["mittens", "eames"]} for bg in ("green", "yellow", "pink", "gray", "purple", "white")]
 # the README's first render (`pfx render "a photo of cat-mittens on chair-eames"`), at seeds 0..FIRST_RUN_SEEDS-1
-FIRST_RUN = {"prompt": "a photo of <cat-mittens> on <chair-eames>", "bg": None, "objects": [("cat", None), ("chair", None)],
-             "position": None, "relation": "on", "identity": ["mittens", "eames"]}
+FIRST_RUN = {"prompt": "a photo of <cat-mittens> on <chair-eames>", "bg": None,
+             "objects": [("cat", None), ("chair", None)], "position": None, "relation": "on",
+             "identity": ["mittens", "eames"]}
 FIRST_RUN_SEEDS = 12
 
 

@@ -204,8 +204,9 @@ def register(cli: click.Group) -> None:
 @click.option("--description", default="")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def train(obj, photos, name, superclass, version_, base, steps, batch_size, micro_batch, seed, no_flip, embedding_norm,
-          devices, resume, fast, captions, device, dtype, tokenizer, previews, license_, description, as_json):
+def train(obj, photos, name, superclass, version_, base, steps, batch_size, micro_batch, seed, no_flip,
+          embedding_norm, devices, resume, fast, captions, device, dtype, tokenizer, previews, license_, description,
+          as_json):
     """Learn a concept from a folder of photos (optional masks/ beside them)."""
     from registry.names import validate_name
     from registry.versions import parse_version
