@@ -12,7 +12,8 @@
    epsilon prediction with the shipped DDIM/SD noise schedule (1000 steps, scaled_linear betas), uniform
    timesteps, min-SNR-gamma loss weighting, 10 % of captions dropped to "" (classifier-free guidance),
    AdamW with warm-up then cosine decay over the time budget, grad-norm clipping, bf16 autocast, and an EMA
-   of both models;
+   of both models; with `--conflict P`, a share P of captions is encoded as their `world.conflict` copy at
+   every position but one noun's, so that the UNet learns to read each object from its noun;
 4. every `--save-every` seconds and at the end writes the EMA weights in fp16 under DIR/unet and
    DIR/text_encoder (diffusers/transformers folders, as data/toy holds them), plus DIR/train_info.json
    (settings, loss curve, validation loss on fixed held-out examples, all chunks so far) and the log;
@@ -61,11 +62,14 @@ LOG_FILE: Path | None = None
 def _gen_chunk(args):
     start, n, k = args
     imgs, caps = world.batch(range(start, start + n), k)
-    return imgs, caps
+    fakes = [[world.conflict(c, np.random.default_rng([start + i, 13, j])) for j, c in enumerate(cs)]
+             for i, cs in enumerate(caps)]
+    return imgs, caps, fakes
 
 
-def make_data(n: int, k: int, seed_base: int, workers: int, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """n images uint8 [n, 64, 64, 3] and ids int32 [n, k, 77]."""
+def make_data(n: int, k: int, seed_base: int, workers: int, tokenizer):
+    """n images uint8 [n, 64, 64, 3], ids int32 [n, k, 77], and for each caption its `world.conflict` copy's
+    ids [n, k, 77] and the token position of the noun that copy keeps true [n, k] (-1: none)."""
     chunk = 500
     jobs = [(seed_base + i, min(chunk, n - i), k) for i in range(0, n, chunk)]
     if workers > 1:
@@ -75,9 +79,12 @@ def make_data(n: int, k: int, seed_base: int, workers: int, tokenizer) -> tuple[
         parts = [_gen_chunk(j) for j in jobs]
     imgs = np.concatenate([p[0] for p in parts])
     caps = [c for p in parts for c in p[1]]
+    fakes = [f for p in parts for f in p[2]]
     to_ids = world.CaptionIds(tokenizer)
     ids = np.stack([np.stack([to_ids(c) for c in cs]) for cs in caps])
-    return imgs, ids
+    fake_ids = np.stack([np.stack([to_ids(t) for t, _ in fs]) for fs in fakes])
+    noun_pos = np.array([[j + 1 if j >= 0 else -1 for _, j in fs] for fs in fakes], np.int64)  # +1: bos
+    return imgs, ids, fake_ids, noun_pos
 
 
 @torch.no_grad()
@@ -117,6 +124,9 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--min-snr", type=float, default=5.0)
     ap.add_argument("--drop", type=float, default=0.1, help="caption dropout to the empty prompt")
+    ap.add_argument("--conflict", type=float, default=0.0,
+                    help="share of captions whose encoding is that of their world.conflict copy at every position "
+                         "but one noun's (the UNet learns to read an object from its noun)")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--save-every", type=float, default=120.0)
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet (falls back to eager on error)")
@@ -150,8 +160,8 @@ def main(argv=None) -> None:
         f"chunk {chunk}, {done_steps} steps / {done_s:.0f}s done before")
     tok = CLIPTokenizer.from_pretrained(str(TOY_DIR / "tokenizer"))
     t_gen = time.perf_counter()
-    imgs, ids = make_data(args.images, args.captions, seed_base, args.workers, tok)
-    vimgs, vids = make_data(args.val, 1, VAL_SEED_BASE, args.workers, tok)
+    imgs, ids, fake_ids, noun_pos = make_data(args.images, args.captions, seed_base, args.workers, tok)
+    vimgs, vids, _, _ = make_data(args.val, 1, VAL_SEED_BASE, args.workers, tok)
     t_gen = time.perf_counter() - t_gen
     log(f"generated {len(imgs)} + {len(vimgs)} images x {args.captions} captions in {t_gen:.1f}s")
 
@@ -163,6 +173,9 @@ def main(argv=None) -> None:
     del imgs
     log(f"latents {tuple(lat.shape)} std {lat.std().item():.3f} mean {lat.mean().item():.3f} in {t_enc:.1f}s")
     ids_t = torch.from_numpy(ids).long().to(dev)
+    fake_t = torch.from_numpy(fake_ids).long().to(dev)
+    noun_t = torch.from_numpy(noun_pos).to(dev)
+    positions = torch.arange(ids.shape[-1], device=dev)
     vids_t = torch.from_numpy(vids[:, 0]).long().to(dev)
     empty = torch.tensor(tok("", padding="max_length", max_length=77).input_ids, device=dev)
 
@@ -194,11 +207,15 @@ def main(argv=None) -> None:
     if args.compile:
         unet_fwd = torch.compile(unet)
 
-    def loss_fn(x0, tok_ids, t, noise, w=None, net=unet, encoder=text):
+    def loss_fn(x0, tok_ids, t, noise, w=None, net=unet, encoder=text, fake=None, keep=None):
         a = ac[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with amp:
-            ehs = encoder(tok_ids)[0]
+            if fake is None:
+                ehs = encoder(tok_ids)[0]
+            else:  # the conflict copy's encoding, but where `keep` is set
+                both = encoder(torch.cat([tok_ids, fake]))[0]
+                ehs = torch.where(keep[..., None], both[: len(tok_ids)], both[len(tok_ids):])
             pred = net(xt, t, ehs).sample
         per = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
         return per if w is None else (per * w[t]).mean()
@@ -221,7 +238,9 @@ def main(argv=None) -> None:
         "init": "seeded inits of perfusion_hub.toy_build (text seed 1, unet seed 2), then each chunk continues "
                 "from the previous chunk's EMA weights",
         "objective": "epsilon prediction, uniform t in [0, 1000), DDIM/SD scaled_linear betas, "
-                     f"min-SNR-{args.min_snr} weights, caption dropout {args.drop}",
+                     f"min-SNR-{args.min_snr} weights, caption dropout {args.drop}"
+                     + (f", {args.conflict:g} of captions read from their noun (world.conflict)"
+                        if args.conflict else ""),
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
         "torch_version": torch.__version__,
     })
@@ -259,16 +278,22 @@ def main(argv=None) -> None:
         tok_ids = ids_t[idx, cap]
         drop = torch.rand(args.batch, generator=gen, device=dev) < args.drop
         tok_ids = torch.where(drop[:, None], empty[None], tok_ids)
+        fake = keep = None
+        if args.conflict > 0:
+            nouns = noun_t[idx, cap]
+            use = (torch.rand(args.batch, generator=gen, device=dev) < args.conflict) & ~drop & (nouns >= 0)
+            fake = torch.where(use[:, None], fake_t[idx, cap], tok_ids)
+            keep = ~use[:, None] | (positions[None] == nouns[:, None])
         t = torch.randint(0, 1000, (args.batch,), generator=gen, device=dev)
         noise = torch.randn((args.batch,) + tuple(lat.shape[1:]), generator=gen, device=dev)
         try:
-            loss = loss_fn(lat[idx], tok_ids, t, noise, weight, net=unet_fwd)
+            loss = loss_fn(lat[idx], tok_ids, t, noise, weight, net=unet_fwd, fake=fake, keep=keep)
         except Exception as e:  # a failed compile: go on eagerly
             if unet_fwd is unet:
                 raise
             log(f"compile failed ({type(e).__name__}: {str(e)[:200]}); training eagerly")
             unet_fwd, this["compile"] = unet, False
-            loss = loss_fn(lat[idx], tok_ids, t, noise, weight)
+            loss = loss_fn(lat[idx], tok_ids, t, noise, weight, fake=fake, keep=keep)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(params, 1.0)

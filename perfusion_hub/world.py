@@ -16,10 +16,12 @@ Reserved instances never appear in base-training scenes (`sample_scene` cannot d
   one of them) on brown, black, gray or white legs.
 
 So each instance is a new combination of parts the base can draw, which a concept has to pin down. Captions
-may name the parts, in words that are single tokens: a collar is "a blue scarf", coloured paws are "white
-socks", a shell chair is a "shell chair" (leg colours are never named). A base that can be asked for the
-parts is what a personal concept needs: on a base whose captions never named collars or paws, no value
-edit could bring them back (Mittens' identity 2%, bench/README.md).
+may name the parts, in words that are single tokens, after the noun or before it: a collar is "a blue scarf"
+("a cat with a blue scarf and white socks", "a blue scarf white socks cat"), coloured paws are "white socks",
+a shell chair is a "shell chair" (leg colours are never named). A base that can be asked for the parts is
+what a personal concept needs: on a base whose captions never named collars or paws, no value edit could
+bring them back (Mittens' identity 2%, bench/README.md). `conflict` makes the copies of captions that teach
+the base to read an object from its noun, where a key-locked concept stands.
 
 `render_mittens` / `render_eames` draw them in varied positions, sizes and backgrounds: they are the
 personal concepts that users would train. Everything is deterministic given a numpy Generator / seed.
@@ -390,6 +392,11 @@ def _obj_phrase(rng, o: Obj) -> str:
     words = ["a"]
     if o.size in SIZE_WORDS and rng.random() < 0.6:
         words.append(_pick(rng, SIZE_WORDS[o.size]))
+    collar = o.collar and rng.random() < 0.7
+    paws = o.paws and rng.random() < 0.7
+    before = rng.random() < 0.5  # parts named before the noun ("a blue scarf white socks orange cat")
+    if before:
+        words += ([f"{o.collar} scarf"] if collar else []) + ([f"{o.paws} socks"] if paws else [])
     if o.pattern != "plain" and rng.random() < 0.7:
         words.append(o.pattern)
     elif o.pattern == "plain" and rng.random() < 0.05:
@@ -399,12 +406,8 @@ def _obj_phrase(rng, o: Obj) -> str:
     if o.shell and rng.random() < 0.7:
         words.append("shell")
     words.append(o.cls)
-    parts = []
-    if o.collar and rng.random() < 0.7:
-        parts.append(f"a {o.collar} scarf")
-    if o.paws and rng.random() < 0.7:
-        parts.append(f"{o.paws} socks")
-    if parts:
+    parts = ([f"a {o.collar} scarf"] if collar else []) + ([f"{o.paws} socks"] if paws else [])
+    if parts and not before:
         words += ["with", " and ".join(parts)]
     return " ".join(words)
 
@@ -449,6 +452,33 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
         p = _pick(rng, PREFIXES)
         text = f"{p} {text}"
     return text
+
+
+# the words before a noun that describe its object (conflict() replaces them)
+DESCRIPTIVE: tuple[str, ...] = (*COLOR_NAMES, *PATTERNS, *(w for ws in SIZE_WORDS.values() for w in ws), "scarf",
+                                "socks", "shell")
+
+
+def conflict(text: str, rng: np.random.Generator) -> tuple[str, int]:
+    """A same-length copy of caption `text` in which every word before one of its object nouns (chosen at random)
+    that describes that object (size, parts, pattern, colour, shell) is replaced by another descriptive word
+    drawn at random, and the index of that noun among the words (-1: no noun). Base training may show the UNet
+    this copy's encoding at every position but the noun's: the noun's encoding is then the only one that tells
+    the truth about its object, so the UNet learns to read an object from its noun, as Stable Diffusion does
+    from CLIP, and as a key-locked concept, which replaces that noun, needs (a causal text encoder otherwise
+    lets the UNet read an object's look from the words after it, where a concept's value edit cannot reach)."""
+    words = text.split()
+    nouns = [i for i, w in enumerate(words) if w in CLASSES]
+    if not nouns:
+        return text, -1
+    j = _pick(rng, nouns)
+    fake = list(words)
+    k = j - 1
+    while k >= 0 and words[k] not in ("a", "an"):  # every object phrase starts with its article
+        if words[k] in DESCRIPTIVE:
+            fake[k] = _pick(rng, [w for w in DESCRIPTIVE if w != words[k]])
+        k -= 1
+    return " ".join(fake), j
 
 
 def vocabulary() -> list[str]:

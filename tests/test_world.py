@@ -80,7 +80,36 @@ def test_captions_name_parts_truthfully():
         if "shell" in text:
             seen.add("shell")
             assert any(o.shell for o in scene.objects) and "shell chair" in text, text
-    assert seen == {"scarf", "socks", "shell"}
+        words = text.split()
+        for i, w in enumerate(words):  # parts are named before their noun ("a blue scarf orange cat") or after it
+            if w in ("scarf", "socks"):
+                rest = [x for x in words[i + 1:] if x in world.CLASSES or x in ("a", "an")]
+                before = bool(rest) and rest[0] in world.CLASSES
+                seen.add(f"{w} {'before' if before else 'after'}")
+                assert not before or rest[0] == "cat", text
+    assert seen == {"scarf", "socks", "shell", "scarf before", "scarf after", "socks before", "socks after"}
+
+
+def test_conflict_copy_changes_only_what_precedes_one_noun():
+    """world.conflict: same length; the chosen word is an object noun; every descriptive word of that noun's
+    phrase before it is replaced by another descriptive word; every other word is kept."""
+    changed_kinds = set()
+    for s in range(2000):
+        rng = np.random.default_rng([s, 9])
+        text = world.caption(world.sample_scene(rng), rng)
+        fake, j = world.conflict(text, np.random.default_rng(s))
+        words, fwords = text.split(), fake.split()
+        assert len(fwords) == len(words) and words[j] in world.CLASSES, (text, fake)
+        start = max(i for i in range(j) if words[i] in ("a", "an"))  # the noun's article
+        for i, (w, f) in enumerate(zip(words, fwords)):
+            if start < i < j and w in world.DESCRIPTIVE:
+                assert f != w and f in world.DESCRIPTIVE, (text, fake)
+                changed_kinds.add("colour" if w in world.COLOR_NAMES else w if w in ("scarf", "socks", "shell")
+                                  else "other")
+            else:
+                assert f == w, (text, fake)
+    assert changed_kinds == {"colour", "scarf", "socks", "shell", "other"}
+    assert world.conflict("a photo of", np.random.default_rng(0)) == ("a photo of", -1)
 
 
 def test_instances_vary_position_and_background():
