@@ -23,6 +23,7 @@ Also recorded: every method's file size and CPU training time (this machine, --t
   python bench/quality.py                   # writes bench/results/quality-toy-<date>.json and .png
   python bench/quality.py --stage base      # the base alone: quality-toy-base-<date>.json
   python bench/quality.py --quick           # a smoke run (few steps, one image per prompt)
+  python bench/quality.py --base DIR --device cuda --methods perfusion   # a candidate base folder, on a GPU
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 from perfusion_hub import evaluator, world
 from perfusion_hub.bases import load_base
-from perfusion_hub.covariance import packaged_covariance
+from perfusion_hub.corpus import corpus_digest, load_captions
+from perfusion_hub.covariance import estimate, packaged_covariance
 from perfusion_hub.loaders import add_tokens, load_concepts, runtime_of, unload_concepts
 from perfusion_hub.render import render
 from perfusion_hub.train import METHODS, TrainConfig, swap_kv_weights, train_concept
@@ -206,16 +208,21 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def machine(args) -> str:
+    if args.device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {args.threads} CPU threads"
+
+
 def base_quality(args) -> dict:
     """The base alone: the evaluator's fixed prompt set (200 prompts x 2 images, guidance 7.5 and 4), each
     instance's new-context prompts with the instance described in words (no concept), and the time of one
     25-step 64x64 render through pfx (median of 5, after one warm-up)."""
-    base = load_base("toy", device="cpu", dtype="fp32")
-    base.pipe.set_progress_bar_config(disable=True)
+    base = load_base(args.base, device=args.device, dtype="fp32")
     net = evaluator.load()
     specs = evaluator.prompt_set(200)
-    out = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
-           f"{args.threads} CPU threads", "torch": torch.__version__, "base_digest": base.digest,
+    out = {"date": date.today().isoformat(), "machine": machine(args), "torch": torch.__version__,
+           "base_digest": base.digest,
            "prompts": len(specs), "images_per_prompt": 2}
     for g in (7.5, 4.0):
         t0 = time.perf_counter()
@@ -246,6 +253,8 @@ def main(argv=None) -> int:
     ap.add_argument("--photos", type=int, default=6)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--base", default="toy", help="the embedded toy base, or a folder of a candidate toy base")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--embedding-norm", type=float, default=None,
                     help="override the base's bound on the concept embedding's norm (0: none); results get a -norm tag")
     ap.add_argument("--quick", action="store_true", help="smoke run: 20 steps, 1 seed, two betas")
@@ -264,15 +273,18 @@ def main(argv=None) -> int:
     betas = BETAS if not args.quick else (0.6, 0.8)
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
-    base = load_base("toy", device="cpu", dtype="fp32")
-    base.pipe.set_progress_bar_config(disable=True)
+    base = load_base(args.base, device=args.device, dtype="fp32")
     cov = packaged_covariance(base)
+    if cov is None:  # a candidate base folder: C over the packaged corpus, as `pfx base prepare` would
+        lines = load_captions()
+        cov = estimate(base.pipe.tokenizer, base.pipe.text_encoder, lines, base_digest=base.digest,
+                       corpus_digest=corpus_digest(lines), batch_size=256)
     net = evaluator.load()
     norm_tag = "" if args.embedding_norm is None else f"-norm{args.embedding_norm:g}"
     tag = f"quality-toy{'-quick' if args.quick else ''}{norm_tag}-{date.today().isoformat()}"
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
-               f"{args.threads} CPU threads", "torch": torch.__version__, "base": base.name,
+    results = {"date": date.today().isoformat(), "machine": machine(args), "torch": torch.__version__,
+               "base": base.name,
                "base_digest": base.digest, "recipe": {
                    "steps": args.steps, "batch_size": 16, "photos": args.photos,
                    "embedding_norm": getattr(base.pipe, "_pfx_embedding_norm", 0.0) if args.embedding_norm is None
