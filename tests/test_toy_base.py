@@ -208,6 +208,37 @@ def test_base_draws_what_the_prompt_says(pipe):
     assert r["two_objects"]["classes"] >= 0.6, r
 
 
+@pytest.mark.skipif(not (TOY.parent / "evaluator" / "model.safetensors").is_file(),
+                    reason="evaluator weights not trained yet")
+@torch.no_grad()
+def test_unet_reads_an_object_from_its_noun(pipe):
+    """What key-locking needs of a base: the UNet reads an object's look from its noun's encoding (the position
+    a concept takes), as Stable Diffusion does from CLIP, not from the words after it. "a red cat on a gray
+    background" encoded, with the noun's row from "a green cat ..." draws a green cat; with every row after
+    the noun from it, a red one (the base before world.conflict training drew red, then green)."""
+    from perfusion_hub import evaluator, world
+
+    net = evaluator.load()
+    tok, te = pipe.tokenizer, pipe.text_encoder
+    pipe.set_progress_bar_config(disable=True)
+
+    def enc(prompt):
+        return te(tok(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids)[0]
+
+    empty = enc("")
+    for cls, c1, c2 in (("cat", "red", "green"), ("chair", "blue", "yellow")):
+        e1, e2 = enc(f"a {c1} {cls} on a gray background"), enc(f"a {c2} {cls} on a gray background")
+        noun = 3  # bos, a, colour, noun
+        for rows, want in ((slice(noun, noun + 1), c2), (slice(noun + 1, 77), c1)):
+            mixed = e1.clone()
+            mixed[:, rows] = e2[:, rows]
+            images = pipe(prompt_embeds=mixed.expand(8, -1, -1), negative_prompt_embeds=empty.expand(8, -1, -1),
+                          num_inference_steps=25, generator=torch.Generator().manual_seed(0), height=64,
+                          width=64).images
+            got = [world.COLOR_NAMES[c] for c in evaluator.read(net, images)["color"][:, world.CLASSES.index(cls)]]
+            assert got.count(want) >= 6, (cls, rows, got)
+
+
 def test_procedural_images_deterministic():
     import numpy as np
 
