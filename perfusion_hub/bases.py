@@ -268,8 +268,8 @@ def load_base(
 
 
 def base_settings(spec: BaseSpec) -> dict:
-    """A diffusers folder may carry pfx.json with Perfusion settings of that base: "gate_positions" ("all" or
-    "prompt", see processor.PerfusionRuntime), "templates" (training prompts in the base's own caption
+    """A diffusers folder may carry pfx.json with Perfusion settings of that base: "gate_positions" ("all",
+    "prompt" or "span", see processor.PerfusionRuntime), "templates" (training prompts in the base's own caption
     grammar, each with one {} for the concept token) and "embedding_norm" (training caps the concept token's
     embedding norm at this multiple of the superclass word's; 0: no cap)."""
     import json

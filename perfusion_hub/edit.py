@@ -115,22 +115,29 @@ def edited_projection(
     *,
     gate_override: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
+    gates_at: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out(e) given base_out = W e (any dtype), w_u = W U [d, N] and targets o* [N, d] (fp32).
 
     Returns fp32; the caller casts to the module's dtype. `gate_override` ([N] or broadcastable) replaces
     the computed gates, which the property tests use to force a gate fully open or shut. `positions`
     ([B, L, 1], 0 or 1) leaves the positions where it is 0 unedited (bases that edit only a prompt's own tokens).
+    `gates_at` ([B, L, N], 0 or 1) shuts concept n's gate where it is 0 (bases that gate a concept only in its
+    own span of the prompt).
     """
-    return edit_terms(base_out, e, basis.A, basis.G, basis.beta, basis.tau, w_u, targets, gate_override, positions)
+    return edit_terms(base_out, e, basis.A, basis.G, basis.beta, basis.tau, w_u, targets, gate_override, positions,
+                      gates_at)
 
 
-def edit_terms(base_out, e, a, g, beta, tau, w_u, targets, gate_override=None, positions=None) -> torch.Tensor:
+def edit_terms(base_out, e, a, g, beta, tau, w_u, targets, gate_override=None, positions=None,
+               gates_at=None) -> torch.Tensor:
     """The same as edited_projection on plain tensors (what a compiled UNet traces without Python objects)."""
     e32 = e.to(g.dtype)
     coeff = e32 @ a  # [..., N]
     gate = torch.sigmoid((e32 @ g - beta) / tau) if gate_override is None else \
         gate_override.to(e32.dtype).expand_as(coeff)
+    if gates_at is not None:
+        gate = gate * gates_at
     edit = gate @ targets - coeff @ w_u.T
     if positions is not None:  # positions outside the prompt keep the base's output
         edit = edit * positions

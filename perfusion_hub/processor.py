@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from perfusion_hub.edit import Basis, edit_terms, edited_projection, inverse_and_root, make_basis
 from perfusion_hub.errors import IncompatibleConcepts
 
-GATE_POSITIONS = ("all", "prompt")
+GATE_POSITIONS = ("all", "prompt", "span")
 
 
 def positions_from_ids(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -83,13 +83,17 @@ class PerfusionRuntime:
             raise ValueError(f"gate_positions must be one of {GATE_POSITIONS}")
         self.unet = unet
         # "all": every one of the 77 positions may open a gate (the paper; spec section 2). "prompt": only the
-        # prompt's own tokens (start, words, first end-of-text), for bases whose padding encodings copy the
-        # last word (the embedded toy base): there the gates would open on ~70 padding positions.
+        # prompt's own tokens (start, words, first end-of-text) are edited, for bases whose padding encodings copy
+        # the last word: there the gates would open on ~70 padding positions. "span": as "prompt", and each
+        # concept's gate opens only from its own token up to the next concept's token, for bases whose causal
+        # text encoder carries one concept into the encodings of the words after it (the embedded toy base):
+        # there a second concept's token would open the first one's gate as well. With one concept in the
+        # prompt (as in training) "span" gates as "prompt" does after the concept's token.
         self.gate_positions = gate_positions
-        # training sets [rows of the text encodings, L] to say which positions are the prompt's own; otherwise they
-        # are found from the text encoder's outputs (see positions)
-        self.position_mask: torch.Tensor | None = None
-        self._observed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (text encodings, their prompt positions)
+        # training sets masks_from_ids of its rows of text encodings; otherwise each row is found among the text
+        # encoder's outputs (see positions)
+        self.position_masks: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._observed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (text encodings, their token ids)
         self._auto_positions: tuple | None = None
         self.eos_id: int | None = None  # the tokenizer's end-of-text id (set by load_concepts)
         self.layers = cross_attention_modules(unet)
@@ -172,13 +176,13 @@ class PerfusionRuntime:
 
     def observe_tokens(self, input_ids: torch.Tensor, encodings: torch.Tensor | None = None) -> None:
         """Called after every text-encoder forward: remember which concept tokens the prompt holds (and, for
-        gate_positions "prompt", which positions of these encodings are the prompt's own)."""
+        gate_positions other than "all", the token ids behind these encodings)."""
         if self._unet_ran:
             self._seen = []
             self._observed = []
             self._unet_ran = False
-        if encodings is not None and self.gate_positions == "prompt" and encodings.shape[:2] == input_ids.shape:
-            self._observed.append((encodings.detach(), positions_from_ids(input_ids, self.eos_id)))
+        if encodings is not None and self.gate_positions != "all" and encodings.shape[:2] == input_ids.shape:
+            self._observed.append((encodings.detach(), input_ids.detach()))
         present = set(torch.unique(input_ids).tolist())
         for name, c in self.concepts.items():
             if c.token_id in present and name not in self._seen:
@@ -246,35 +250,51 @@ class PerfusionRuntime:
             wk_u, wv_u, o_k, o_v = self.layer_terms(path, attn, names, b)
             self._frozen[path] = (b.A, b.G, b.beta, b.tau, wk_u, wv_u, o_k, o_v)
 
-    def positions(self, ehs: torch.Tensor) -> torch.Tensor | None:
-        """The [B, L, 1] gate mask for these encodings, or None (every position may open a gate).
+    def masks_from_ids(self, ids: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(edited positions [B, L, 1], where each concept's gate may open [B, L, N] or None) for token ids
+        [B, L]; a row of -1 (encodings not found) is edited, and may open gates, everywhere."""
+        unknown = (ids < 0).any(1, keepdim=True)
+        edited = (positions_from_ids(ids, self.eos_id).bool() | unknown).float()[..., None]
+        if self.gate_positions != "span":
+            return edited, None
+        tokens = torch.tensor([self.concepts[n].token_id for n in names], device=ids.device)
+        hits = ids[..., None] == tokens  # [B, L, N]
+        at = torch.arange(ids.shape[1], device=ids.device)[None, :, None]
+        latest = torch.where(hits, at, -1).amax(-1).cummax(1).values  # the last concept token at or before j
+        owner = torch.gather(ids, 1, latest.clamp_min(0))
+        spans = (owner[..., None] == tokens) & (latest >= 0)[..., None]
+        return edited, (spans | unknown[..., None]).float()
 
-        position_mask when it fits (training); otherwise each row of `ehs` is found among the text encoder's
-        outputs since the last UNet run (pipelines only repeat and concatenate them, e.g. [negative, prompt]),
-        and a row not found may open gates everywhere."""
+    def positions(self, ehs: torch.Tensor, names: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """masks_from_ids for these encodings; (None, None) for gate_positions "all" (every position).
+
+        position_masks when they fit (training); otherwise each row of `ehs` is found among the text encoder's
+        outputs since the last UNet run (pipelines only repeat and concatenate them, e.g. [negative, prompt])."""
         if self.gate_positions == "all":
-            return None
-        m = self.position_mask
-        if m is None or tuple(m.shape) != tuple(ehs.shape[:2]):
-            if self._auto_positions is not None and self._auto_positions[0] is ehs:
-                return self._auto_positions[1]
-            rows = []
-            for row in ehs:
-                found = next((pm[j] for enc, pm in self._observed for j in range(len(enc))
-                              if enc.shape[1:] == row.shape and torch.equal(enc[j].to(row.dtype), row)), None)
-                rows.append(found if found is not None else torch.ones(ehs.shape[1], device=ehs.device))
-            m = torch.stack(rows)
-            self._auto_positions = (ehs, m.to(ehs.device, torch.float32)[..., None])
-            return self._auto_positions[1]
-        return m.to(ehs.device, torch.float32)[..., None]
+            return None, None
+        m = self.position_masks
+        if m is not None and tuple(m[0].shape[:2]) == tuple(ehs.shape[:2]):
+            return m
+        hit = self._auto_positions
+        if hit is not None and hit[0] is ehs and hit[1] == tuple(names):
+            return hit[2]
+        rows = []
+        for row in ehs:
+            found = next((t[j] for enc, t in self._observed for j in range(len(enc))
+                          if enc.shape[1:] == row.shape and torch.equal(enc[j].to(row.dtype), row)), None)
+            rows.append(found.to(ehs.device) if found is not None
+                        else torch.full((ehs.shape[1],), -1, device=ehs.device))
+        masks = self.masks_from_ids(torch.stack(rows), names)
+        self._auto_positions = (ehs, tuple(names), masks)
+        return masks
 
     def key_value(self, path: str, attn, ehs: torch.Tensor, names: list[str]):
         frozen = self._frozen.get(path) if self.training else None
         if frozen is not None:
             a, g, beta, tau, wk_u, wv_u, o_k, o_v = frozen
-            pos = self.positions(ehs)
-            key = edit_terms(attn.to_k(ehs), ehs, a, g, beta, tau, wk_u, o_k, None, pos).to(ehs.dtype)
-            value = edit_terms(attn.to_v(ehs), ehs, a, g, beta, tau, wv_u, o_v, None, pos).to(ehs.dtype)
+            pos, at = self.positions(ehs, names)
+            key = edit_terms(attn.to_k(ehs), ehs, a, g, beta, tau, wk_u, o_k, None, pos, at).to(ehs.dtype)
+            value = edit_terms(attn.to_v(ehs), ehs, a, g, beta, tau, wv_u, o_v, None, pos, at).to(ehs.dtype)
             return key, value
         cacheable = not self.training and not torch.is_grad_enabled()
         if cacheable:
@@ -283,14 +303,14 @@ class PerfusionRuntime:
                 return hit[2], hit[3]
         basis = self.basis(names, ehs.device)
         wk_u, wv_u, o_k, o_v = self.layer_terms(path, attn, names, basis)
-        override, pos = self.gate_override, self.positions(ehs)
+        override, (pos, at) = self.gate_override, self.positions(ehs, names)
         if self.global_lock and self.key_states is not None and self.key_states.shape == ehs.shape:
             key = attn.to_k(self.key_states)
         else:
             key = edited_projection(attn.to_k(ehs), ehs, basis, wk_u, o_k, gate_override=override,
-                                    positions=pos).to(ehs.dtype)
+                                    positions=pos, gates_at=at).to(ehs.dtype)
         value = edited_projection(attn.to_v(ehs), ehs, basis, wv_u, o_v, gate_override=override,
-                                  positions=pos).to(ehs.dtype)
+                                  positions=pos, gates_at=at).to(ehs.dtype)
         if cacheable:
             self._kv_cache[path] = (ehs, (self.version, tuple(names)), key, value)
         return key, value

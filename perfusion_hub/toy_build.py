@@ -108,10 +108,13 @@ SCHEDULER_CONFIG = {
 }
 # data/toy/pfx.json: Perfusion settings of this base (perfusion_hub.bases.base_settings)
 PFX_SETTINGS = {
-    "gate_positions": "prompt",
-    "why": "this small text encoder's padding encodings copy the prompt's last word, so with every position gated "
-           "a concept's edit would open on ~70 padding positions and wipe out the rest of the prompt (measured: "
-           "backgrounds lost); gates open only on the prompt's own tokens. embedding_norm: unbounded, the concept "
+    "gate_positions": "span",
+    "why": "gate_positions span: only the prompt's own positions are edited, and a concept's gate opens only from its "
+           "own token up to the next concept's token. This small text encoder's padding encodings copy the prompt's "
+           "last word, so with every position gated a concept's edit would open on ~70 padding positions and wipe "
+           "out the rest of the prompt (measured: backgrounds lost); and it is causal, so with two concepts in a "
+           "prompt the second one's encoding carries the first one and opened its gate as well (measured: both "
+           "edits summed at the second token, composition success 0%). embedding_norm: unbounded, the concept "
            "token's embedding grew to ~4x a word's and, through causal attention, rewrote the words after it",
     # training prompts in the world's caption grammar (words the text encoder was trained on)
     "templates": ["a photo of a {}", "a picture of a {}", "an image of a {}", "a {}", "a photograph of a {}",

@@ -27,7 +27,7 @@ from perfusion_hub.covariance import Covariance
 from perfusion_hub.errors import BadInput
 from perfusion_hub.loaders import add_tokens
 from perfusion_hub.photos import load_photos
-from perfusion_hub.processor import ConceptState, PerfusionRuntime, positions_from_ids
+from perfusion_hub.processor import ConceptState, PerfusionRuntime
 
 TEMPLATES = (
     "a photo of a {}",
@@ -237,8 +237,8 @@ def train_concept(
         if cfg.method not in METHODS:
             raise BadInput(f"unknown training method {cfg.method!r}; one of {', '.join(METHODS)}")
         rt = PerfusionRuntime(unet, covariance.matrix, gate_positions=getattr(pipe, "_pfx_gate_positions", "all"))
-        pos_all = positions_from_ids(template_ids, tok.eos_token_id)  # [templates, L]
-        pos_buffers: dict[int, torch.Tensor] = {}  # one per micro-batch size: a compiled UNet sees one tensor
+        rt.eos_id = tok.eos_token_id
+        pos_buffers: dict[int, tuple] = {}  # one per micro-batch size: a compiled UNet sees the same tensors
         layers = rt.layers
         values = {p: torch.nn.Parameter(a.to_v.weight.detach().float() @ i_super) for p, a in layers.items()}
         embedding = torch.nn.Parameter(emb_init.to(device))
@@ -255,6 +255,7 @@ def train_concept(
             rt.training = True
             rt.install()
             rt.activate([name])
+            masks_all = rt.masks_from_ids(template_ids, [name])  # per template: edited positions, gate positions
         else:
             if cfg.method == "full_kv":
                 kv_saved = {f"{p}.{w}": getattr(a, w).weight.detach().clone() for p, a in layers.items()
@@ -314,10 +315,14 @@ def train_concept(
                     concept_enc += at_token[tpl].sum(0)
                 if rt is not None:
                     rt.freeze_terms([name], device)
-                    if rt.gate_positions == "prompt":
-                        buf = pos_buffers.setdefault(b, torch.empty(b, pos_all.shape[1], device=device))
-                        buf.copy_(pos_all[tpl])
-                        rt.position_mask = buf
+                    if rt.gate_positions != "all":
+                        if b not in pos_buffers:
+                            pos_buffers[b] = tuple(None if m is None else m.new_empty((b, *m.shape[1:]))
+                                                   for m in masks_all)
+                        for buf, m in zip(pos_buffers[b], masks_all):
+                            if m is not None:
+                                buf.copy_(m[tpl])
+                        rt.position_masks = pos_buffers[b]
                 noise, eps = noise_all[sl], eps_all[sl]
                 latents = mean[idx] + std[idx] * eps
                 noisy = sched.add_noise(latents, noise, timesteps).to(dtype)

@@ -267,17 +267,18 @@ def test_single_file_checkpoint_errors_say_what_to_do(tmp_path, monkeypatch):
 
 
 def test_toy_base_edits_only_the_prompts_own_positions(clean_base, toy_cov):
-    """The toy base declares gate_positions "prompt" (data/toy/pfx.json): K/V at padding positions stay the
-    base's, the concept token's change; a runtime gating every position (the paper's rule) would also edit
-    the padding, whose encodings copy the concept token in this small text encoder."""
+    """The toy base declares gate_positions "span" (data/toy/pfx.json), which edits only the prompt's own
+    positions: K/V at padding positions stay the base's, the concept token's change; a runtime gating every
+    position (the paper's rule) would also edit the padding, whose encodings copy the concept token in this
+    small text encoder."""
     from perfusion_hub.processor import PerfusionRuntime, positions_from_ids
 
     base = clean_base
-    assert base.pipe._pfx_gate_positions == "prompt"
+    assert base.pipe._pfx_gate_positions == "span"
     c = synthetic_concept(base, toy_cov, "cat-mittens", "cat", seed=6, scale=3.0, target_shift=0.0)
     load_concepts(base.pipe, [c], covariance=toy_cov)
     rt = runtime_of(base.pipe)
-    assert rt.gate_positions == "prompt"
+    assert rt.gate_positions == "span"
     tok, te = base.pipe.tokenizer, base.pipe.text_encoder
     ids = tok(["a photo of a <cat-mittens>"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     pos = positions_from_ids(ids, tok.eos_token_id)
@@ -287,7 +288,7 @@ def test_toy_base_edits_only_the_prompts_own_positions(clean_base, toy_cov):
         ehs = te(ids)[0]
     path, attn = next(iter(cross_attention_modules(base.pipe.unet).items()))
     rt.activate(["cat-mittens"])
-    rt.position_mask = pos
+    rt.position_masks = rt.masks_from_ids(ids, ["cat-mittens"])
     with torch.no_grad():
         k, v = rt.key_value(path, attn, ehs, ["cat-mittens"])
         k0, v0 = attn.to_k(ehs), attn.to_v(ehs)
@@ -300,5 +301,54 @@ def test_toy_base_edits_only_the_prompts_own_positions(clean_base, toy_cov):
         _, v_all = every.key_value(path, attn, ehs, ["cat-mittens"])
     assert not torch.allclose(v_all[0, n:], v0[0, n:], atol=1e-3)
     rt.activate(None)
-    rt.position_mask = None
+    rt.position_masks = None
     unload_concepts(base.pipe)
+
+
+@pytest.mark.parametrize("mode", ["span", "prompt"])
+def test_span_gates_keep_each_concept_to_its_part_of_the_prompt(clean_base, toy_cov, mode):
+    """gate_positions "span" (the toy base): a concept's value targets reach the K/V only from its own token up
+    to the next concept's token, so in "<cat-mittens> on a <chair-eames> ..." the cat's edit leaves the chair's
+    position, and everything after it or before the cat, alone. Under "prompt" the cat's gate is also (partly)
+    open at the chair's position: this causal text encoder carries the first concept into the second one's
+    encoding."""
+    from perfusion_hub.processor import PerfusionRuntime
+
+    base = clean_base
+    cat = synthetic_concept(base, toy_cov, "cat-mittens", "cat", seed=1)
+    chair = synthetic_concept(base, toy_cov, "chair-eames", "chair", seed=2)
+    load_concepts(base.pipe, [cat, chair], covariance=toy_cov)
+    loaded = runtime_of(base.pipe)
+    rt = PerfusionRuntime(base.pipe.unet, toy_cov.matrix, gate_positions=mode)
+    rt.eos_id = loaded.eos_id
+    for n in ("cat-mittens", "chair-eames"):
+        rt.add(loaded.concepts[n])
+    tok, te = base.pipe.tokenizer, base.pipe.text_encoder
+    ids = tok(["a photo of a <cat-mittens> on a <chair-eames> on a green background"], padding="max_length",
+              max_length=77, return_tensors="pt").input_ids
+    at_cat, at_chair = (int((ids[0] == rt.concepts[n].token_id).nonzero()) for n in ("cat-mittens", "chair-eames"))
+    names = ["cat-mittens", "chair-eames"]
+    rt.position_masks = rt.masks_from_ids(ids, names)
+    if mode == "span":
+        spans = rt.position_masks[1][0]
+        assert spans[:, 0].nonzero().flatten().tolist() == list(range(at_cat, at_chair))
+        assert spans[:, 1].nonzero().flatten().tolist() == list(range(at_chair, 77))
+    path, attn = next(iter(cross_attention_modules(base.pipe.unet).items()))
+    state = rt.concepts["cat-mittens"]
+    saved = dict(state.value_targets)
+    try:
+        with torch.no_grad():
+            ehs = te(ids)[0]
+            _, v = rt.key_value(path, attn, ehs, names)
+            state.value_targets = {p: t + 100 * t.norm() for p, t in saved.items()}  # a very different cat
+            rt.touch()
+            _, v2 = rt.key_value(path, attn, ehs, names)
+    finally:
+        state.value_targets = saved
+        unload_concepts(base.pipe)
+    assert not torch.allclose(v[0, at_cat], v2[0, at_cat], atol=1e-3)
+    outside = [j for j in range(77) if not at_cat <= j < at_chair]
+    if mode == "span":
+        assert torch.equal(v[0, outside], v2[0, outside])
+    else:
+        assert not torch.allclose(v[0, at_chair], v2[0, at_chair], atol=1e-3)

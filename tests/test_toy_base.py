@@ -254,7 +254,7 @@ def test_base_settings_file_is_checked(tmp_path):
     from perfusion_hub.errors import BaseNotAvailable
 
     toy = base_settings(resolve_spec("toy"))
-    assert toy["gate_positions"] == "prompt" and all(t.count("{}") == 1 for t in toy["templates"])
+    assert toy["gate_positions"] == "span" and all(t.count("{}") == 1 for t in toy["templates"])
     assert toy["embedding_norm"] == 1.0
     (tmp_path / "model_index.json").write_text("{}")
     spec = resolve_spec(str(tmp_path))
