@@ -3,8 +3,8 @@
 #   bash bench/gpu_toy.sh evaluator SECONDS TOTAL    train the evaluator, then chunk 0 of the base
 #   bash bench/gpu_toy.sh resume SECONDS TOTAL       continue from .toyckpt/ (the previous chunk's output)
 # EVAL_STEPS sets the evaluator's steps (default 6000); COMPILE=1 compiles the UNet; CONFLICT=P passes
-# --conflict P; BENCH=1 then measures the new weights with bench/quality.py (perfusion only, on the GPU) and
-# packs its results into $OUT/quality.tar.
+# --conflict P, PARTS=P --parts P; BENCH=1 then measures the new weights with bench/quality.py (perfusion only,
+# on the GPU) and packs its results into $OUT/quality.tar.
 set -eu
 export PYTHONUNBUFFERED=1
 bash bench/gpu_setup.sh
@@ -16,7 +16,7 @@ else
   ev=perfusion_hub/data/evaluator; init=(--init .toyckpt)
 fi
 python3 -m perfusion_hub.toy_train --out "$OUT/toy" "${init[@]}" --images 200000 --seconds "$seconds" \
-  --total-seconds "$total" --save-every 100 --workers 16 ${COMPILE:+--compile} ${CONFLICT:+--conflict "$CONFLICT"} \
+  --total-seconds "$total" --save-every 100 --workers 16 ${COMPILE:+--compile} ${CONFLICT:+--conflict "$CONFLICT"} ${PARTS:+--parts "$PARTS"} \
   --evaluator "$ev" 2>&1 | grep -v "Writing model shards\|should be kept in float32\|requires torchvision"
 if [ -n "${BENCH:-}" ]; then
   cand=/tmp/toy-candidate q=/tmp/quality

@@ -388,13 +388,14 @@ def mittens_on_eames(seed: int, background: str | None = None) -> Scene:
 # --------------------------------------------------------------------------------------------------
 # captions
 # --------------------------------------------------------------------------------------------------
-def _obj_phrase(rng, o: Obj) -> str:
+def _obj_phrase(rng, o: Obj, parts_first: bool = False) -> str:
     words = ["a"]
     if o.size in SIZE_WORDS and rng.random() < 0.6:
         words.append(_pick(rng, SIZE_WORDS[o.size]))
-    collar = o.collar and rng.random() < 0.7
-    paws = o.paws and rng.random() < 0.7
-    before = rng.random() < 0.5  # parts named before the noun ("a blue scarf white socks orange cat")
+    collar = o.collar and (rng.random() < 0.7 or parts_first)
+    paws = o.paws and (rng.random() < 0.7 or parts_first)
+    # parts named before the noun ("a blue scarf white socks orange cat")
+    before = rng.random() < 0.5 or parts_first
     if before:
         words += ([f"{o.collar} scarf"] if collar else []) + ([f"{o.paws} socks"] if paws else [])
     if o.pattern != "plain" and rng.random() < 0.7:
@@ -427,24 +428,25 @@ def _background_phrase(rng, scene: Scene) -> str:
     return f"on a {tex}{scene.background} background"
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """One caption drawn from the templates (attributes are mentioned at random; what is said is true)."""
+def caption(scene: Scene, rng: np.random.Generator, parts_first: bool = False) -> str:
+    """One caption drawn from the templates (attributes are mentioned at random; what is said is true).
+    `parts_first`: a cat's collar and paws are always named, before its noun."""
     if any(o.instance for o in scene.objects):
         raise ValueError("reserved instances have no base caption")
     parts = []
     if len(scene.objects) == 1:
         o = scene.objects[0]
-        parts.append(_obj_phrase(rng, o))
+        parts.append(_obj_phrase(rng, o, parts_first))
         pos = _position(o)
         if pos and rng.random() < 0.6:
             parts.append(pos)
     else:
         a, b = scene.objects
         if rng.random() < 0.8:
-            parts += [_obj_phrase(rng, a), scene.relation, _obj_phrase(rng, b)]
+            parts += [_obj_phrase(rng, a, parts_first), scene.relation, _obj_phrase(rng, b, parts_first)]
         else:
             first, second = (a, b) if rng.random() < 0.5 else (b, a)
-            parts += [_obj_phrase(rng, first), "and", _obj_phrase(rng, second)]
+            parts += [_obj_phrase(rng, first, parts_first), "and", _obj_phrase(rng, second, parts_first)]
     if rng.random() < 0.75:
         parts.append(_background_phrase(rng, scene))
     text = " ".join(parts).replace("a orange", "an orange")
@@ -523,18 +525,33 @@ class CaptionIds:
         return out
 
 
-def sample(seed: int, n_captions: int = 1) -> tuple[np.ndarray, list[str], Scene]:
-    """Base-training example number `seed`: (image uint8 [64, 64, 3], captions, scene)."""
-    rng = np.random.default_rng([seed, 7])
-    scene = sample_scene(rng)
-    return render(scene), [caption(scene, rng) for _ in range(n_captions)], scene
+def parts_scene(rng: np.random.Generator) -> Scene:
+    """A base-training scene of one cat with a collar and coloured paws (never Mittens' three colours)."""
+    bg = _pick(rng, COLOR_NAMES)
+    o = _new_obj(rng, "cat", _pick(rng, ("small", "medium", "medium", "large")), bg)
+    others = [c for c in COLOR_NAMES if c != o.color]
+    o.collar, o.paws = _pick(rng, others), _pick(rng, others)
+    if (o.color, o.collar, o.paws) == ("orange", "blue", "white"):
+        o.paws = "black"
+    _place_single(rng, o)
+    return Scene(background=bg, texture="checkered" if rng.random() < 0.2 else "plain", objects=[o],
+                 seed=int(rng.integers(2**31)))
 
 
-def batch(seeds, n_captions: int = 1):
-    """Images [n, 64, 64, 3] uint8 and captions (n lists) for the given example seeds."""
+def sample(seed: int, n_captions: int = 1, parts: bool = False) -> tuple[np.ndarray, list[str], Scene]:
+    """Base-training example number `seed`: (image uint8 [64, 64, 3], captions, scene). `parts`: a
+    `parts_scene` instead, its captions naming the parts before the noun."""
+    rng = np.random.default_rng([seed, 11] if parts else [seed, 7])
+    scene = parts_scene(rng) if parts else sample_scene(rng)
+    return render(scene), [caption(scene, rng, parts) for _ in range(n_captions)], scene
+
+
+def batch(seeds, n_captions: int = 1, parts: float = 0.0):
+    """Images [n, 64, 64, 3] uint8 and captions (n lists) for the given example seeds; a share `parts` of
+    them (chosen by seed) are parts scenes (see `sample`)."""
     imgs, caps = [], []
     for s in seeds:
-        im, c, _ = sample(int(s), n_captions)
+        im, c, _ = sample(int(s), n_captions, bool(parts) and np.random.default_rng([int(s), 17]).random() < parts)
         imgs.append(im)
         caps.append(c)
     return np.stack(imgs), caps

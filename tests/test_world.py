@@ -90,6 +90,26 @@ def test_captions_name_parts_truthfully():
     assert seen == {"scarf", "socks", "shell", "scarf before", "scarf after", "socks before", "socks after"}
 
 
+def test_parts_scenes_name_collar_and_paws_before_the_noun():
+    """world.parts_scene: one generic cat with a collar and coloured paws (never Mittens), captioned with both
+    parts before its noun; world.batch mixes them in at the share asked, by seed."""
+    for s in range(300):
+        img, caps, scene = world.sample(s, 2, parts=True)
+        (o,) = scene.objects
+        assert o.cls == "cat" and o.instance is None and o.collar and o.paws
+        assert (o.color, o.collar, o.paws) != ("orange", "blue", "white")
+        for text in caps:
+            words = text.replace("an orange", "a orange").split()
+            noun = words.index("cat")
+            phrase = " ".join(words[:noun])
+            assert f"{o.collar} scarf {o.paws} socks" in phrase and "with" not in words, text
+    _, caps = world.batch(range(400), 1, 0.5)
+    share = sum(all(w in c[0] for w in ("scarf", "socks")) for c in caps) / 400
+    assert 0.4 < share < 0.7, share
+    _, plain = world.batch(range(400), 1)
+    assert plain == [world.sample(s)[1] for s in range(400)]
+
+
 def test_conflict_copy_changes_only_what_precedes_one_noun():
     """world.conflict: same length; the chosen word is an object noun; every descriptive word of that noun's
     phrase before it is replaced by another descriptive word; every other word is kept."""
