@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""How far apart Perfusion training runs land on the embedded `toy` base: the same recipe, photos and prompts as
+bench/quality.py, one perfusion concept per instance and training seed (the seed draws the noise, timesteps,
+templates and flips), judged on the instance's 12 new-context prompts and, with both concepts of a seed loaded,
+on the composition prompts and the README's first render (seeds 0-11). One run of bench/quality.py is one
+draw from this spread.
+
+  python bench/spread.py --seeds 0,1,2                                  # bench/results/spread-toy-<date>.json
+  python bench/spread.py --base toy,DIR --device cuda --seeds 0,1,2     # several candidate bases, on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.quality import (
+    COMPOSITION,
+    FIRST_RUN,
+    FIRST_RUN_SEEDS,
+    GUIDANCE,
+    INSTANCES,
+    STEPS,
+    Method,
+    judge_all,
+    machine,
+    prompt_specs,
+    render_specs,
+)
+from perfusion_hub import evaluator
+from perfusion_hub.bases import load_base
+from perfusion_hub.corpus import corpus_digest, load_captions
+from perfusion_hub.covariance import estimate, packaged_covariance
+from perfusion_hub.render import render
+from perfusion_hub.train import TrainConfig, train_concept
+
+KEYS = ("identity", "alignment", "relation", "identity_and_alignment", "success")
+
+
+def summary(rows: list[dict]) -> dict:
+    return {k: {"mean": round(float(np.mean([r[k] for r in rows])), 4), "min": min(r[k] for r in rows),
+                "max": max(r[k] for r in rows)} for k in KEYS if all(r.get(k) is not None for r in rows)}
+
+
+def measure(value: str, seeds: list[int], args, net, tmp: Path, out: dict, dump) -> None:
+    base = load_base(value, device=args.device, dtype="fp32")
+    cov = packaged_covariance(base)
+    if cov is None:  # a candidate base folder: C over the packaged corpus, as `pfx base prepare` would
+        lines = load_captions()
+        cov = estimate(base.pipe.tokenizer, base.pipe.text_encoder, lines, base_digest=base.digest,
+                       corpus_digest=corpus_digest(lines), batch_size=256)
+    out.update({"base": value, "base_digest": base.digest, "runs": []})
+    for seed in seeds:
+        run: dict = {"seed": seed}
+        trained: list[Method] = []
+        for name, (cls, _, draw) in INSTANCES.items():
+            photos = tmp / name
+            if not photos.is_dir():
+                photos.mkdir()
+                for i in range(args.photos):
+                    Image.fromarray(draw(i)).save(photos / f"{i}.png")
+            cfg = TrainConfig(steps=args.steps, method="perfusion", previews=0, seed=seed)
+            res = train_concept(base, photos, name=name, superclass=cls, covariance=cov,
+                                out_path=tmp / f"{name}-{seed}.safetensors", config=cfg)
+            meth = Method("perfusion", res)
+            meth.load(base, cov)
+            try:
+                run[name] = judge_all(net, prompt_specs(name), render_specs(base, prompt_specs(name), args.images))
+            finally:
+                meth.unload(base)
+            trained.append(meth)
+        for meth in trained:
+            meth.load(base, cov)
+        try:
+            run["composition"] = judge_all(net, COMPOSITION, render_specs(base, COMPOSITION, args.images))
+            first = [render(base, FIRST_RUN["prompt"], seed=s, steps=STEPS, guidance=GUIDANCE).images
+                     for s in range(FIRST_RUN_SEEDS)]
+            run["first_run"] = judge_all(net, [FIRST_RUN] * FIRST_RUN_SEEDS, first)
+        finally:
+            for meth in trained:
+                meth.unload(base)
+        print(value, run, flush=True)
+        out["runs"].append(run)
+        out["summary"] = {k: summary([r[k] for r in out["runs"]]) for k in (*INSTANCES, "composition", "first_run")}
+        dump()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--base", default="toy", help="comma-separated: the embedded toy base and/or candidate folders")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--photos", type=int, default=6)
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    net = evaluator.load().to(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"spread-toy-{date.today().isoformat()}.json"
+    results = {"date": date.today().isoformat(), "machine": machine(args), "torch": torch.__version__,
+               "recipe": {"steps": args.steps, "photos": args.photos, "method": "perfusion"},
+               "render": {"steps": STEPS, "guidance": GUIDANCE, "images_per_prompt": args.images}, "bases": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for value in args.base.split(","):
+            results["bases"].append({})
+            measure(value, seeds, args, net, Path(tmp), results["bases"][-1],
+                    lambda: path.write_text(json.dumps(results, indent=1) + "\n"))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
