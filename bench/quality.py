@@ -208,6 +208,17 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def covariance_of(base):
+    """The base's packaged covariance, or for a candidate base folder C over the packaged corpus, as `pfx base
+    prepare` would estimate it."""
+    cov = packaged_covariance(base)
+    if cov is None:
+        lines = load_captions()
+        cov = estimate(base.pipe.tokenizer, base.pipe.text_encoder, lines, base_digest=base.digest,
+                       corpus_digest=corpus_digest(lines), batch_size=256)
+    return cov
+
+
 def machine(args) -> str:
     if args.device.startswith("cuda"):
         return torch.cuda.get_device_name()
@@ -274,11 +285,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
     base = load_base(args.base, device=args.device, dtype="fp32")
-    cov = packaged_covariance(base)
-    if cov is None:  # a candidate base folder: C over the packaged corpus, as `pfx base prepare` would
-        lines = load_captions()
-        cov = estimate(base.pipe.tokenizer, base.pipe.text_encoder, lines, base_digest=base.digest,
-                       corpus_digest=corpus_digest(lines), batch_size=256)
+    cov = covariance_of(base)
     net = evaluator.load()
     norm_tag = "" if args.embedding_norm is None else f"-norm{args.embedding_norm:g}"
     tag = f"quality-toy{'-quick' if args.quick else ''}{norm_tag}-{date.today().isoformat()}"

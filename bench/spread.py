@@ -33,6 +33,7 @@ from bench.quality import (
     INSTANCES,
     STEPS,
     Method,
+    covariance_of,
     judge_all,
     machine,
     prompt_specs,
@@ -40,8 +41,6 @@ from bench.quality import (
 )
 from perfusion_hub import evaluator
 from perfusion_hub.bases import load_base
-from perfusion_hub.corpus import corpus_digest, load_captions
-from perfusion_hub.covariance import estimate, packaged_covariance
 from perfusion_hub.render import render
 from perfusion_hub.train import TrainConfig, train_concept
 
@@ -55,11 +54,7 @@ def summary(rows: list[dict]) -> dict:
 
 def measure(value: str, seeds: list[int], args, net, tmp: Path, out: dict, dump) -> None:
     base = load_base(value, device=args.device, dtype="fp32")
-    cov = packaged_covariance(base)
-    if cov is None:  # a candidate base folder: C over the packaged corpus, as `pfx base prepare` would
-        lines = load_captions()
-        cov = estimate(base.pipe.tokenizer, base.pipe.text_encoder, lines, base_digest=base.digest,
-                       corpus_digest=corpus_digest(lines), batch_size=256)
+    cov = covariance_of(base)
     out.update({"base": value, "base_digest": base.digest, "runs": []})
     for seed in seeds:
         run: dict = {"seed": seed}
