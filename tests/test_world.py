@@ -94,7 +94,7 @@ def test_parts_scenes_name_collar_and_paws_before_the_noun():
     """world.parts_scene: one generic cat with a collar and coloured paws (never Mittens), captioned with both
     parts before its noun; world.batch mixes them in at the share asked, by seed."""
     for s in range(300):
-        img, caps, scene = world.sample(s, 2, parts=True)
+        _, caps, scene = world.sample(s, 2, parts=True)
         (o,) = scene.objects
         assert o.cls == "cat" and o.instance is None and o.collar and o.paws
         assert (o.color, o.collar, o.paws) != ("orange", "blue", "white")
