@@ -16,8 +16,8 @@ else
   ev=perfusion_hub/data/evaluator; init=(--init .toyckpt)
 fi
 python3 -m perfusion_hub.toy_train --out "$OUT/toy" "${init[@]}" --images 200000 --seconds "$seconds" \
-  --total-seconds "$total" --save-every 100 --workers 16 ${COMPILE:+--compile} ${CONFLICT:+--conflict "$CONFLICT"} ${PARTS:+--parts "$PARTS"} \
-  --evaluator "$ev" 2>&1 | grep -v "Writing model shards\|should be kept in float32\|requires torchvision"
+  --total-seconds "$total" --save-every 100 --workers 16 ${COMPILE:+--compile} \
+  ${CONFLICT:+--conflict "$CONFLICT"} ${PARTS:+--parts "$PARTS"} --evaluator "$ev" 2>&1 | grep -v "Writing model shards\|should be kept in float32\|requires torchvision"
 if [ -n "${BENCH:-}" ]; then
   cand=/tmp/toy-candidate q=/tmp/quality
   rm -rf "$cand" "$q" && cp -r perfusion_hub/data/toy "$cand" && rm -rf "$cand"/{covariance.safetensors,unet,text_encoder}

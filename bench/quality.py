@@ -44,7 +44,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from perfusion_hub import evaluator, world
+from cli.samples import write_photos
+from perfusion_hub import evaluator
 from perfusion_hub.bases import load_base
 from perfusion_hub.corpus import corpus_digest, load_captions
 from perfusion_hub.covariance import estimate, packaged_covariance
@@ -52,15 +53,15 @@ from perfusion_hub.loaders import add_tokens, load_concepts, runtime_of, unload_
 from perfusion_hub.render import render
 from perfusion_hub.train import METHODS, TrainConfig, swap_kv_weights, train_concept
 
-INSTANCES = {"cat-mittens": ("cat", "mittens", world.render_mittens),
-             "chair-eames": ("chair", "eames", world.render_eames)}
+INSTANCES = {"cat-mittens": ("cat", "mittens"),
+             "chair-eames": ("chair", "eames")}
 BETAS = (0.5, 0.6, 0.7, 0.8, 0.9)
 STEPS, GUIDANCE = 25, 7.5
 
 
 def prompt_specs(name: str) -> list[dict]:
     """Prompts that put concept `name` in contexts its photos never showed."""
-    cls, ident, _ = INSTANCES[name]
+    cls, ident = INSTANCES[name]
     trig = f"<{name}>"
     specs = []
     for bg in ("green", "yellow", "purple", "pink", "gray", "red"):
@@ -307,11 +308,8 @@ def main(argv=None) -> int:
 
     trained: dict[str, dict[str, Method]] = {m: {} for m in methods}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (cls, ident, draw) in INSTANCES.items():
-            photos = Path(tmp) / name
-            photos.mkdir()
-            for i in range(args.photos):
-                Image.fromarray(draw(i)).save(photos / f"{i}.png")
+        for name, (cls, _) in INSTANCES.items():
+            photos = write_photos(Path(tmp) / name, name, args.photos)
             inst = results["instances"][name] = {"methods": {}}
             ims = render_specs(base, superclass_specs(name), args.images)
             inst["superclass_word"] = judge_all(net, superclass_specs(name), ims)

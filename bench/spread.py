@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -39,6 +38,7 @@ from bench.quality import (
     prompt_specs,
     render_specs,
 )
+from cli.samples import write_photos
 from perfusion_hub import evaluator
 from perfusion_hub.bases import load_base
 from perfusion_hub.render import render
@@ -59,12 +59,8 @@ def measure(value: str, seeds: list[int], args, net, tmp: Path, out: dict, dump)
     for seed in seeds:
         run: dict = {"seed": seed}
         trained: list[Method] = []
-        for name, (cls, _, draw) in INSTANCES.items():
-            photos = tmp / name
-            if not photos.is_dir():
-                photos.mkdir()
-                for i in range(args.photos):
-                    Image.fromarray(draw(i)).save(photos / f"{i}.png")
+        for name, (cls, _) in INSTANCES.items():
+            photos = write_photos(tmp / name, name, args.photos)
             cfg = TrainConfig(steps=args.steps, method="perfusion", previews=0, seed=seed)
             res = train_concept(base, photos, name=name, superclass=cls, covariance=cov,
                                 out_path=tmp / f"{name}-{seed}.safetensors", config=cfg)

@@ -22,8 +22,9 @@ SAMPLES = {
 
 def write_photos(folder: Path, name: str, count: int = 6) -> Path:
     """The reserved instances of the project's procedural world (perfusion_hub/world.py), which the
-    embedded base never saw in training, in varied places, sizes and backgrounds: the same 6 photos and
-    recipe as bench/quality.py (which trains on one thread: float rounding makes its concepts another draw)."""
+    embedded base never saw in training, in varied places, sizes and backgrounds: the same 6 photos as
+    bench/quality.py and bench/spread.py use (their concepts are other draws of the same recipe: float
+    rounding differs between machines and thread counts)."""
     from PIL import Image
 
     from perfusion_hub import world
