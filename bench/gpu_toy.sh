@@ -3,8 +3,9 @@
 #   bash bench/gpu_toy.sh evaluator SECONDS TOTAL    train the evaluator, then chunk 0 of the base
 #   bash bench/gpu_toy.sh resume SECONDS TOTAL       continue from .toyckpt/ (the previous chunk's output)
 # EVAL_STEPS sets the evaluator's steps (default 6000); COMPILE=1 compiles the UNet; CONFLICT=P passes
-# --conflict P, PARTS=P --parts P; BENCH=1 then measures the new weights with bench/quality.py (perfusion only,
-# on the GPU) and packs its results into $OUT/quality.tar.
+# --conflict P, PARTS=P --parts P, PAIRS=Q --parts-pairs Q; BENCH=1 then measures the new weights with bench/quality.py (perfusion only,
+# on the GPU) and packs its results into $OUT/quality.tar; SPREAD=SEEDS runs bench/spread.py on them for those
+# training seeds (results in $OUT/spread-toy-<date>.json, written after every seed).
 set -eu
 export PYTHONUNBUFFERED=1
 bash bench/gpu_setup.sh
@@ -17,11 +18,17 @@ else
 fi
 python3 -m perfusion_hub.toy_train --out "$OUT/toy" "${init[@]}" --images 200000 --seconds "$seconds" \
   --total-seconds "$total" --save-every 100 --workers 16 ${COMPILE:+--compile} \
-  ${CONFLICT:+--conflict "$CONFLICT"} ${PARTS:+--parts "$PARTS"} --evaluator "$ev" 2>&1 | grep -v "Writing model shards\|should be kept in float32\|requires torchvision"
-if [ -n "${BENCH:-}" ]; then
-  cand=/tmp/toy-candidate q=/tmp/quality
-  rm -rf "$cand" "$q" && cp -r perfusion_hub/data/toy "$cand" && rm -rf "$cand"/{covariance.safetensors,unet,text_encoder}
+  ${CONFLICT:+--conflict "$CONFLICT"} ${PARTS:+--parts "$PARTS"} ${PAIRS:+--parts-pairs "$PAIRS"} --evaluator "$ev" 2>&1 | grep -v "Writing model shards\|should be kept in float32\|requires torchvision"
+if [ -n "${BENCH:-}${SPREAD:-}" ]; then
+  cand=/tmp/toy-candidate
+  rm -rf "$cand" && cp -r perfusion_hub/data/toy "$cand" && rm -rf "$cand"/{covariance.safetensors,unet,text_encoder}
   cp -r "$OUT/toy/unet" "$OUT/toy/text_encoder" "$cand/"
+fi
+if [ -n "${BENCH:-}" ]; then
+  q=/tmp/quality && rm -rf "$q"
   python3 bench/quality.py --base "$cand" --device cuda --methods perfusion --out "$q" 2>&1 | grep -v Warn || true
   tar -cf "$OUT/quality.tar" -C "$q" .
+fi
+if [ -n "${SPREAD:-}" ]; then
+  python3 bench/spread.py --base "$cand" --device cuda --seeds "$SPREAD" --out "$OUT" 2>&1 | grep -v Warn || true
 fi

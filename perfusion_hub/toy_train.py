@@ -3,7 +3,8 @@
 ``python -m perfusion_hub.toy_train --out DIR`` (meant for one GPU; runs on CPU with small settings):
 
 1. generates `--images` base-training examples of the procedural world (`perfusion_hub.world`; never a reserved
-   instance; with `--parts P` a share P of them are cats with collar and paws, named before the noun) on all
+   instance; with `--parts P` a share P of them are cats with collar and paws, named before the noun, and with
+   `--parts-pairs Q` a share Q of those cats are in a relation with a second object) on all
    CPU cores, `--captions` caption variants each, turned into token ids by a word table;
 2. encodes them once with the frozen shipped VAE (posterior mean x scaling_factor);
 3. trains UNet and text encoder jointly for `--seconds` of wall time, from the seeded inits of
@@ -61,18 +62,18 @@ LOG_FILE: Path | None = None
 
 
 def _gen_chunk(args):
-    start, n, k, parts = args
-    imgs, caps = world.batch(range(start, start + n), k, parts)
+    start, n, k, parts, pairs = args
+    imgs, caps = world.batch(range(start, start + n), k, parts, pairs)
     fakes = [[world.conflict(c, np.random.default_rng([start + i, 13, j])) for j, c in enumerate(cs)]
              for i, cs in enumerate(caps)]
     return imgs, caps, fakes
 
 
-def make_data(n: int, k: int, seed_base: int, workers: int, tokenizer, parts: float = 0.0):
+def make_data(n: int, k: int, seed_base: int, workers: int, tokenizer, parts: float = 0.0, pairs: float = 0.0):
     """n images uint8 [n, 64, 64, 3], ids int32 [n, k, 77], and for each caption its `world.conflict` copy's
     ids [n, k, 77] and the token position of the noun that copy keeps true [n, k] (-1: none)."""
     chunk = 500
-    jobs = [(seed_base + i, min(chunk, n - i), k, parts) for i in range(0, n, chunk)]
+    jobs = [(seed_base + i, min(chunk, n - i), k, parts, pairs) for i in range(0, n, chunk)]
     if workers > 1:
         with mp.get_context("fork").Pool(workers) as pool:
             parts = pool.map(_gen_chunk, jobs)
@@ -130,6 +131,8 @@ def main(argv=None) -> None:
                          "but one noun's (the UNet learns to read an object from its noun)")
     ap.add_argument("--parts", type=float, default=0.0,
                     help="share of examples that are world.parts_scene cats, parts named before the noun")
+    ap.add_argument("--parts-pairs", type=float, default=0.0,
+                    help="share of those parts scenes that pair the cat with a second object in a relation")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--save-every", type=float, default=120.0)
     ap.add_argument("--compile", action="store_true", help="torch.compile the UNet (falls back to eager on error)")
@@ -163,7 +166,8 @@ def main(argv=None) -> None:
         f"chunk {chunk}, {done_steps} steps / {done_s:.0f}s done before")
     tok = CLIPTokenizer.from_pretrained(str(TOY_DIR / "tokenizer"))
     t_gen = time.perf_counter()
-    imgs, ids, fake_ids, noun_pos = make_data(args.images, args.captions, seed_base, args.workers, tok, args.parts)
+    imgs, ids, fake_ids, noun_pos = make_data(args.images, args.captions, seed_base, args.workers, tok, args.parts,
+                                               args.parts_pairs)
     vimgs, vids, _, _ = make_data(args.val, 1, VAL_SEED_BASE, args.workers, tok)
     t_gen = time.perf_counter() - t_gen
     log(f"generated {len(imgs)} + {len(vimgs)} images x {args.captions} captions in {t_gen:.1f}s")
@@ -244,12 +248,13 @@ def main(argv=None) -> None:
                      f"min-SNR-{args.min_snr} weights, caption dropout {args.drop}"
                      + (f", {args.conflict:g} of captions read from their noun (world.conflict)"
                         if args.conflict else "")
-                     + (f", {args.parts:g} of examples world.parts_scene cats" if args.parts else ""),
+                     + (f", {args.parts:g} of examples world.parts_scene cats" if args.parts else "")
+                     + (f" ({args.parts_pairs:g} of them paired with a second object)" if args.parts_pairs else ""),
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
         "torch_version": torch.__version__,
     })
     this = {"chunk": chunk, "images": len(lat), "captions_per_image": args.captions, "seed_base": seed_base,
-            "conflict": args.conflict, "parts": args.parts,
+            "conflict": args.conflict, "parts": args.parts, "parts_pairs": args.parts_pairs,
             "generate_s": round(t_gen, 1), "encode_s": round(t_enc, 1), "compile": bool(args.compile)}
     info["chunks"].append(this)
 

@@ -525,33 +525,46 @@ class CaptionIds:
         return out
 
 
-def parts_scene(rng: np.random.Generator) -> Scene:
-    """A base-training scene of one cat with a collar and coloured paws (never Mittens' three colours)."""
+def parts_scene(rng: np.random.Generator, pair: bool = False) -> Scene:
+    """A base-training scene of one cat with a collar and coloured paws (never Mittens' three colours); with
+    `pair`, the cat is in a relation with a second object, as a composition of concepts asks
+    ("a <cat-mittens> on a <chair-eames>"); the other object is never a cat, so the parts are the one cat's."""
     bg = _pick(rng, COLOR_NAMES)
-    o = _new_obj(rng, "cat", _pick(rng, ("small", "medium", "medium", "large")), bg)
+    size = _pick(rng, ("small", "small", "medium")) if pair else _pick(rng, ("small", "medium", "medium", "large"))
+    o = _new_obj(rng, "cat", size, bg)
     others = [c for c in COLOR_NAMES if c != o.color]
     o.collar, o.paws = _pick(rng, others), _pick(rng, others)
     if (o.color, o.collar, o.paws) == ("orange", "blue", "white"):
         o.paws = "black"
-    _place_single(rng, o)
-    return Scene(background=bg, texture="checkered" if rng.random() < 0.2 else "plain", objects=[o],
-                 seed=int(rng.integers(2**31)))
+    texture = "checkered" if rng.random() < 0.2 else "plain"
+    if not pair:
+        _place_single(rng, o)
+        return Scene(background=bg, texture=texture, objects=[o], seed=int(rng.integers(2**31)))
+    rel = _pick(rng, ("on", "on", *RELATIONS))
+    other = _new_obj(rng, _pick(rng, ("chair", "chair", *(c for c in CLASSES if c != "cat"))),
+                     _pick(rng, ("medium", "large") if rel == "on" else ("small", "medium")), bg,
+                     exclude_colors=(o.color,))
+    _place_pair(rng, o, other, rel)
+    return Scene(background=bg, texture=texture, objects=[o, other], relation=rel, seed=int(rng.integers(2**31)))
 
 
-def sample(seed: int, n_captions: int = 1, parts: bool = False) -> tuple[np.ndarray, list[str], Scene]:
+def sample(seed: int, n_captions: int = 1, parts: bool = False, pair: bool = False
+           ) -> tuple[np.ndarray, list[str], Scene]:
     """Base-training example number `seed`: (image uint8 [64, 64, 3], captions, scene). `parts`: a
-    `parts_scene` instead, its captions naming the parts before the noun."""
+    `parts_scene` instead (`pair`: with a second object), its captions naming the parts before the noun."""
     rng = np.random.default_rng([seed, 11] if parts else [seed, 7])
-    scene = parts_scene(rng) if parts else sample_scene(rng)
+    scene = parts_scene(rng, pair) if parts else sample_scene(rng)
     return render(scene), [caption(scene, rng, parts) for _ in range(n_captions)], scene
 
 
-def batch(seeds, n_captions: int = 1, parts: float = 0.0):
+def batch(seeds, n_captions: int = 1, parts: float = 0.0, pairs: float = 0.0):
     """Images [n, 64, 64, 3] uint8 and captions (n lists) for the given example seeds; a share `parts` of
-    them (chosen by seed) are parts scenes (see `sample`)."""
+    them (chosen by seed) are parts scenes (see `sample`), a share `pairs` of those with a second object."""
     imgs, caps = [], []
     for s in seeds:
-        im, c, _ = sample(int(s), n_captions, bool(parts) and np.random.default_rng([int(s), 17]).random() < parts)
+        is_parts = bool(parts) and np.random.default_rng([int(s), 17]).random() < parts
+        pair = is_parts and bool(pairs) and np.random.default_rng([int(s), 19]).random() < pairs
+        im, c, _ = sample(int(s), n_captions, is_parts, pair)
         imgs.append(im)
         caps.append(c)
     return np.stack(imgs), caps

@@ -110,6 +110,32 @@ def test_parts_scenes_name_collar_and_paws_before_the_noun():
     assert plain == [world.sample(s)[1] for s in range(400)]
 
 
+def test_paired_parts_scenes_put_the_parts_cat_in_a_relation():
+    """parts_scene(pair=True): the parts cat and a second object in a relation, the cat's parts named before its
+    noun and the other object's phrase carrying none; world.batch pairs the share asked of its parts scenes and
+    leaves every other example as it was without pairs (earlier base chunks stay reproducible)."""
+    relations = set()
+    for s in range(300):
+        _, caps, scene = world.sample(s, 2, parts=True, pair=True)
+        cat, other = scene.objects
+        assert cat.cls == "cat" and cat.collar and cat.paws and other.collar is None and scene.relation
+        assert not any(o.instance for o in scene.objects)
+        relations.add(scene.relation)
+        for text in caps:
+            assert f"{cat.collar} scarf {cat.paws} socks" in text and text.count("scarf") == 1, text
+            assert other.cls in text.split() and (scene.relation in text or " and " in text), text
+    assert relations == set(world.RELATIONS)
+    seeds = range(400)
+    imgs, caps = world.batch(seeds, 1, 0.5)
+    imgs_p, caps_p = world.batch(seeds, 1, 0.5, 0.5)
+    changed = [i for i in range(400) if caps[i] != caps_p[i]]
+    paired = [i for i, c in enumerate(caps_p) if "socks" in c[0] and len(world.sample(i, 1, True, True)[2].objects)
+              == 2 and c == world.sample(i, 1, True, True)[1]]
+    assert 60 < len(changed) < 140 and set(changed) <= set(paired), len(changed)
+    same = [i for i in range(400) if i not in changed]
+    assert (imgs[same] == imgs_p[same]).all()
+
+
 def test_conflict_copy_changes_only_what_precedes_one_noun():
     """world.conflict: same length; the chosen word is an object noun; every descriptive word of that noun's
     phrase before it is replaced by another descriptive word; every other word is kept."""
