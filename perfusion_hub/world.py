@@ -536,10 +536,11 @@ def parts_scene(rng: np.random.Generator, pair: bool = False) -> Scene:
     o.collar, o.paws = _pick(rng, others), _pick(rng, others)
     if (o.color, o.collar, o.paws) == ("orange", "blue", "white"):
         o.paws = "black"
-    texture = "checkered" if rng.random() < 0.2 else "plain"
     if not pair:
         _place_single(rng, o)
-        return Scene(background=bg, texture=texture, objects=[o], seed=int(rng.integers(2**31)))
+        return Scene(background=bg, texture="checkered" if rng.random() < 0.2 else "plain", objects=[o],
+                     seed=int(rng.integers(2**31)))
+    texture = "checkered" if rng.random() < 0.2 else "plain"
     rel = _pick(rng, ("on", "on", *RELATIONS))
     other = _new_obj(rng, _pick(rng, ("chair", "chair", *(c for c in CLASSES if c != "cat"))),
                      _pick(rng, ("medium", "large") if rel == "on" else ("small", "medium")), bg,
