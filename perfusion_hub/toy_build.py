@@ -25,7 +25,7 @@ Toy architecture (CPU friendly, but with real head dims for the rank-one math):
   size; bos/eos/pad ids are the tokenizer's (eos = pad = ``<|endoftext|>``, the real eos id).
 * UNet2DConditionModel: channels (64, 128), 1 layer per block, two cross-attention down and up blocks,
   cross_attention_dim 128, 4 heads, norm groups 16, sample 16, 4 in/out channels: 7 ``attn2`` modules
-  (4.3 M parameters; 25 DDIM steps with guidance take ~0.8 s on 2 CPU threads).
+  (4.3 M parameters; 25 DDIM steps with guidance take 0.7-1.8 s on 2 CPU threads, by machine: bench/render_toy.py).
 * AutoencoderKL: channels [32, 64, 64] (downsampling x4: a 64x64 image <-> a 16x16x4 latent), norm groups
   8, one layer per block. Trained (seeded, CPU, 2 threads) on procedural 64x64 images (coloured or gradient
   backgrounds with circles, boxes, triangles and stripes) with reconstruction MSE plus a small KL term:
