@@ -237,7 +237,7 @@ def test_unet_reads_an_object_from_its_noun(pipe):
                           width=64).images
             got = [world.COLOR_NAMES[c] for c in evaluator.read(net, images)["color"][:, world.CLASSES.index(cls)]]
             assert got.count(want) >= 6, (cls, rows, got)
-    # parts too: Mittens' noun row from her description, put into "a photo of a cat", draws Mittens (5/8 at
+    # parts too: Mittens' noun row from her description, put into "a photo of a cat", draws Mittens (6/8 at
     # seed 0; 0/8 on the base before world.parts_scene training, whose noun rows carried colour alone)
     plain, described = enc("a photo of a cat"), enc("a photo of a blue scarf white socks orange cat")
     plain[:, 5] = described[:, 10]  # bos a photo of a [cat] / bos a photo of a blue scarf white socks orange [cat]
