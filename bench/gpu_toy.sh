@@ -3,9 +3,9 @@
 #   bash bench/gpu_toy.sh evaluator SECONDS TOTAL    train the evaluator, then chunk 0 of the base
 #   bash bench/gpu_toy.sh resume SECONDS TOTAL       continue from .toyckpt/ (the previous chunk's output)
 # EVAL_STEPS sets the evaluator's steps (default 6000); COMPILE=1 compiles the UNet; CONFLICT=P passes
-# --conflict P, PARTS=P --parts P, PAIRS=Q --parts-pairs Q; BENCH=1 then measures the new weights with bench/quality.py (perfusion only,
-# on the GPU) and packs its results into $OUT/quality.tar; SPREAD=SEEDS runs bench/spread.py on them for those
-# training seeds (results in $OUT/spread-toy-<date>.json, written after every seed).
+# --conflict P, PARTS=P --parts P, PAIRS=Q --parts-pairs Q; BENCH=1 then measures the new weights with
+# bench/quality.py (perfusion only, on the GPU) and packs its results into $OUT/quality.tar; SPREAD=SEEDS runs
+# bench/spread.py on them for those training seeds ($OUT/spread-toy-<date>.json, written after every seed).
 set -eu
 export PYTHONUNBUFFERED=1
 bash bench/gpu_setup.sh
