@@ -94,8 +94,9 @@ def value_delta(concept, init: dict) -> torch.Tensor:
 
 def run(base, cov, workdir: Path, *, superclass="cat", strength=8.0, train_images=12, heldout=6, render_steps=20,
         steps=200, batch_size=8, seed=0, guidance=1.0, control=True) -> dict:
-    """`strength`: the planted shift's norm as a multiple of the value targets' norm (8: on the shipped toy base a
-    shift of 4 left cos(student - control, d) at 1.6x chance, 8 gives 2.3x; the test asks for 2x). Teacher
+    """`strength`: the planted shift's norm as a multiple of the value targets' norm (8: on the toy base after
+    chunk 3 a shift of 4 left cos(student - control, d) at 1.6x chance, 8 gave 2.3x; the test asks for 2x; on the
+    chunk-8 base 8 gives 1.26x and 16 gives 0.9x, see tests/test_recovery.py). Teacher
     images are rendered at `guidance` 1.0 by default (plain conditional sampling, so the teacher
     model is what generated them). With `control`, a second student is trained the same way on images of an
     unperturbed teacher (strength 0, same seeds): what every student learns from rendered images alone
