@@ -34,22 +34,20 @@ PROMPTS = {"pfx 0 concepts": "a red cat on a blue background",
            "pfx 1 concept": "a photo of <cat-mittens> on a green background",
            "pfx 2 concepts": "a photo of <cat-mittens> on <chair-eames>"}
 STEPS, GUIDANCE = 25, 7.5
+NAMES = ("cat-mittens", "chair-eames")
 IMPORTS = "import torch, diffusers, transformers; from diffusers import StableDiffusionPipeline"
 
 
-def sample_concepts():
-    """The sample registry's concept files, by name."""
-    from perfusion_hub.concept import ConceptFormatError, load_concept
+def installed_samples(home: str):
+    """Install the sample concepts into a fresh `home`: (its Context, the installed rows and manifests), for
+    `cli.cmd_engine._concepts_for` to load as `pfx render` does (verified, checked against the base)."""
+    from cli.cmd_engine import installed_concepts
+    from cli.main import Context
+    from registry.install import install
 
-    found = {}
-    for blob in (ROOT / "registry" / "sample_registry" / "blobs").rglob("*"):
-        if blob.is_file():
-            try:
-                c = load_concept(blob)
-            except (ConceptFormatError, ValueError, OSError):
-                continue  # manifests and other blobs
-            found[c.name] = c
-    return found
+    ctx = Context(home, offline=True, debug=False)
+    install(ctx.home, list(NAMES))
+    return ctx, installed_concepts(ctx, list(NAMES), install_missing=False)
 
 
 def stats(ts: list[float]) -> dict:
@@ -57,24 +55,23 @@ def stats(ts: list[float]) -> dict:
             "n": len(ts)}
 
 
-def in_process(args) -> dict:
+def in_process(args, ctx, pairs) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from bench.quality import covariance_of
+    from cli.cmd_engine import _concepts_for
     from perfusion_hub.bases import load_base
     from perfusion_hub.render import render
+    from perfusion_hub.toy_build import TOY_DIR
 
     base = load_base("toy", device="cpu", dtype="fp32")
-    folder = str(ROOT / "perfusion_hub" / "data" / "toy")
-    plain = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
+    plain = StableDiffusionPipeline.from_pretrained(str(TOY_DIR), safety_checker=None, requires_safety_checker=False,
                                                     local_files_only=True, dtype=torch.float32)
     plain.scheduler = DDIMScheduler.from_config(plain.scheduler.config)
     plain.set_progress_bar_config(disable=True)
-    concepts = sample_concepts()
-    cov = covariance_of(base)
+    concepts, cov = _concepts_for(ctx, base, pairs)
+
     def pfx(prompt):
-        return lambda s: render(base, prompt, concepts=list(concepts.values()), covariance=cov, seed=s, steps=STEPS,
-                                guidance=GUIDANCE)
+        return lambda s: render(base, prompt, concepts=concepts, covariance=cov, seed=s, steps=STEPS, guidance=GUIDANCE)
 
     runs = {"baseline": lambda s: plain(PROMPTS["pfx 0 concepts"], num_inference_steps=STEPS,
                                         guidance_scale=GUIDANCE, height=64, width=64,
@@ -97,11 +94,9 @@ def in_process(args) -> dict:
     return out
 
 
-def command(args) -> dict:
-    env = dict(os.environ, PFX_HOME=tempfile.mkdtemp(prefix="pfx-bench-"), PFX_OFFLINE="1")
+def command(args, home: str) -> dict:
+    env = dict(os.environ, PFX_HOME=home, PFX_OFFLINE="1")
     pfx = [sys.executable, "-m", "cli.main"]
-    subprocess.run(pfx + ["install", "cat-mittens", "chair-eames"], env=env, cwd=ROOT, check=True,
-                   capture_output=True)
     rows = {"import torch + diffusers + transformers": [], "pfx render (whole command)": [],
             "pfx render (render inside the command)": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,7 +130,11 @@ def main(argv=None) -> int:
                          f"{os.cpu_count()} cores seen",
               "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
               "transformers": transformers.__version__, "steps": STEPS, "guidance": GUIDANCE, "size": 64,
-              "prompts": PROMPTS, "in_process": in_process(args), "command": command(args)}
+              "prompts": PROMPTS}
+    with tempfile.TemporaryDirectory(prefix="pfx-bench-") as home:
+        ctx, pairs = installed_samples(home)
+        result["in_process"] = in_process(args, ctx, pairs)
+        result["command"] = command(args, home)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"render-toy-{result['date']}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
