@@ -2,6 +2,8 @@
 # One GPU chunk of toy-base work (run by the lent GPU machine from the repository root; results under $OUT).
 #   bash bench/gpu_toy.sh evaluator SECONDS TOTAL    train the evaluator, then chunk 0 of the base
 #   bash bench/gpu_toy.sh resume SECONDS TOTAL       continue from .toyckpt/ (the previous chunk's output)
+#   bash bench/gpu_toy.sh decoder STEPS              then refine the VAE decoder (the shipped base: 16000 steps,
+#                                                    320 s on an H200) into $OUT/decoder/vae
 # EVAL_STEPS sets the evaluator's steps (default 6000); COMPILE=1 compiles the UNet; CONFLICT=P passes
 # --conflict P, PARTS=P --parts P, PAIRS=Q --parts-pairs Q; BENCH=1 then measures the new weights with
 # bench/quality.py (perfusion only, on the GPU) and packs its results into $OUT/quality.tar; SPREAD=SEEDS runs
@@ -9,7 +11,12 @@
 set -eu
 export PYTHONUNBUFFERED=1
 bash bench/gpu_setup.sh
-mode=$1; seconds=$2; total=$3
+mode=$1; seconds=$2; total=${3:-}
+if [ "$mode" = decoder ]; then
+  python3 -m perfusion_hub.toy_decoder --out "$OUT/decoder" --steps "$seconds" --probe-every 2000 --workers 16 2>&1 \
+    | grep -v "should be kept in float32\|requires torchvision\|accelerate\|^\`\`\`\|^\.$"
+  exit 0
+fi
 if [ "$mode" = evaluator ]; then
   python3 -m perfusion_hub.evaluator --out "$OUT/evaluator" --steps "${EVAL_STEPS:-6000}" --workers 16 2>&1 | tail -4
   ev="$OUT/evaluator"; init=()

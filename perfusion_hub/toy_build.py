@@ -12,7 +12,9 @@
 
 Steps 3-4 write the UNet and text encoder at their SEEDED INIT: the shipped ones were then trained as a
 denoiser on the procedural world by ``perfusion_hub.toy_train`` (on a GPU; see build_info.json's
-``denoiser`` section), so after a rebuild run toy_train again, then regenerate the packaged covariance
+``denoiser`` section), and the shipped VAE's decoder was then refined on the world's scenes by
+``perfusion_hub.toy_decoder`` (its encoder, and so every latent, unchanged; build_info.json's ``decoder``
+section). So after a rebuild run toy_train and toy_decoder again, then regenerate the packaged covariance
 and the sample registry (``python -m cli.samples``).
 
 Total: about 5 minutes on 2 otherwise idle CPU threads (VAE: ~0.13 s per 32px step, ~0.25 s per 64px step),
