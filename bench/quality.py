@@ -2,7 +2,7 @@
 """Perfusion measured on the embedded `toy` base (issue 6): identity vs text alignment, ablations, composition.
 
 For each reserved instance of the procedural world (Mittens: superclass cat; the Eames chair: superclass
-chair), a concept is trained from 6 generator images of it (varied places, sizes, backgrounds), with the
+chair), a concept is trained from 8 generator images of it (varied places, sizes, backgrounds: cli.samples), with the
 default recipe (400 steps, batch 16) by four methods at the same budget (perfusion_hub.train METHODS):
 
   perfusion       key-locked rank-one edit (what pfx ships)
@@ -44,7 +44,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cli.samples import write_photos
+from cli.samples import PHOTO_SIZES, PHOTOS, write_photos
 from perfusion_hub import evaluator
 from perfusion_hub.bases import load_base
 from perfusion_hub.corpus import corpus_digest, load_captions
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--images", type=int, default=4, help="images per prompt (one batch from seed 0)")
-    ap.add_argument("--photos", type=int, default=6)
+    ap.add_argument("--photos", type=int, default=PHOTOS)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--base", default="toy", help="the embedded toy base, or a folder of a candidate toy base")
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
     results = {"date": date.today().isoformat(), "machine": machine(args), "torch": torch.__version__,
                "base": base.name,
                "base_digest": base.digest, "recipe": {
-                   "steps": args.steps, "batch_size": 16, "photos": args.photos,
+                   "steps": args.steps, "batch_size": 16, "photos": args.photos, "photo_sizes": PHOTO_SIZES,
                    "embedding_norm": getattr(base.pipe, "_pfx_embedding_norm", 0.0) if args.embedding_norm is None
                    else args.embedding_norm},
                "render": {"steps": STEPS, "guidance": GUIDANCE, "images_per_prompt": args.images, "seed": 0,

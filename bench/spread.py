@@ -38,7 +38,7 @@ from bench.quality import (
     prompt_specs,
     render_specs,
 )
-from cli.samples import write_photos
+from cli.samples import PHOTO_SIZES, PHOTOS, write_photos
 from perfusion_hub import evaluator
 from perfusion_hub.bases import load_base
 from perfusion_hub.render import render
@@ -60,7 +60,7 @@ def measure(value: str, seeds: list[int], args, net, tmp: Path, out: dict, dump)
         run: dict = {"seed": seed}
         trained: list[Method] = []
         for name, (cls, _) in INSTANCES.items():
-            photos = write_photos(tmp / name, name, args.photos)
+            photos = write_photos(tmp / name, name, args.photos, args.photo_sizes.get(name))
             cfg = TrainConfig(steps=args.steps, method="perfusion", previews=0, seed=seed)
             res = train_concept(base, photos, name=name, superclass=cls, covariance=cov,
                                 out_path=tmp / f"{name}-{seed}.safetensors", config=cfg)
@@ -93,18 +93,23 @@ def main(argv=None) -> int:
     ap.add_argument("--base", default="toy", help="comma-separated: the embedded toy base and/or candidate folders")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--photos", type=int, default=6)
+    ap.add_argument("--photos", type=int, default=PHOTOS)
     ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--photo-sizes", action="append", default=[], metavar="NAME=SIZE,...",
+                    help="one instance's photo object sizes, cycled (e.g. cat-mittens=small,medium,large; default: "
+                         "cli.samples.PHOTO_SIZES; an empty list, cat-mittens=, is the world's own draw)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
+    args.photo_sizes = {n: tuple(v.split(",")) if v else () for n, v in (a.split("=", 1) for a in args.photo_sizes)}
     net = evaluator.load().to(args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"spread-toy-{date.today().isoformat()}.json"
     results = {"date": date.today().isoformat(), "machine": machine(args), "torch": torch.__version__,
-               "recipe": {"steps": args.steps, "photos": args.photos, "method": "perfusion"},
+               "recipe": {"steps": args.steps, "photos": args.photos, "method": "perfusion",
+                          "photo_sizes": PHOTO_SIZES | args.photo_sizes},
                "render": {"steps": STEPS, "guidance": GUIDANCE, "images_per_prompt": args.images}, "bases": []}
     with tempfile.TemporaryDirectory() as tmp:
         for value in args.base.split(","):

@@ -20,11 +20,19 @@ SAMPLES = {
 }
 
 
-def write_photos(folder: Path, name: str, count: int = 6) -> Path:
+# Mittens' photos include small ones: a cat sitting on a chair is drawn small, and a concept trained only on
+# medium and large photos lost her collar and paws there (bench/README.md, "photo sizes")
+PHOTOS = 8
+PHOTO_SIZES = {"cat-mittens": ("small", "medium", "small", "large")}
+
+
+def write_photos(folder: Path, name: str, count: int = PHOTOS, sizes: tuple[str, ...] | None = None) -> Path:
     """The reserved instances of the project's procedural world (perfusion_hub/world.py), which the
-    embedded base never saw in training, in varied places, sizes and backgrounds: the same 6 photos as
+    embedded base never saw in training, in varied places, sizes and backgrounds: the same photos as
     bench/quality.py and bench/spread.py use (their concepts are other draws of the same recipe: float
-    rounding differs between machines and thread counts)."""
+    rounding differs between machines and thread counts). `sizes` (cycled; default PHOTO_SIZES, else the
+    world's own draw) sets each photo's object size."""
+    sizes = PHOTO_SIZES.get(name, ()) if sizes is None else sizes
     from PIL import Image
 
     from perfusion_hub import world
@@ -32,7 +40,7 @@ def write_photos(folder: Path, name: str, count: int = 6) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     draw = world.render_mittens if name == "cat-mittens" else world.render_eames
     for i in range(count):
-        Image.fromarray(draw(seed=i)).save(folder / f"{name}-{i}.png")
+        Image.fromarray(draw(seed=i, size=sizes[i % len(sizes)] if sizes else None)).save(folder / f"{name}-{i}.png")
     return folder
 
 

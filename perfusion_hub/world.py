@@ -364,16 +364,20 @@ def eames(rng: np.random.Generator, size: str | None = None) -> Obj:
                seed=int(rng.integers(2**31)), **INSTANCE_PARTS["eames"])
 
 
-def render_mittens(seed: int, background: str | None = None, texture: str | None = None) -> np.ndarray:
-    """Mittens (orange cat, white paws, blue collar) at a random place/size on a background (uint8 HxWx3)."""
+def render_mittens(seed: int, background: str | None = None, texture: str | None = None,
+                   size: str | None = None) -> np.ndarray:
+    """Mittens (orange cat, white paws, blue collar) at a random place (and size, unless given) on a background
+    (uint8 HxWx3)."""
     rng = np.random.default_rng([seed, 101])
-    return render(_instance_scene(rng, mittens(rng), background, texture))
+    return render(_instance_scene(rng, mittens(rng, size), background, texture))
 
 
-def render_eames(seed: int, background: str | None = None, texture: str | None = None) -> np.ndarray:
-    """The Eames chair (teal shell, walnut splayed legs) at a random place/size on a background."""
+def render_eames(seed: int, background: str | None = None, texture: str | None = None,
+                 size: str | None = None) -> np.ndarray:
+    """The Eames chair (teal shell, walnut splayed legs) at a random place (and size, unless given) on a
+    background."""
     rng = np.random.default_rng([seed, 202])
-    return render(_instance_scene(rng, eames(rng), background, texture))
+    return render(_instance_scene(rng, eames(rng, size), background, texture))
 
 
 def mittens_on_eames(seed: int, background: str | None = None) -> Scene:
