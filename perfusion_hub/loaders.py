@@ -130,6 +130,23 @@ def _observe(rt: PerfusionRuntime):
     return hook
 
 
+def suspend(pipe):
+    """Take the loaded concepts out of the way (their attention processors and text-encoder hook), for
+    training against the bare base. Returns the function that puts them back as they were."""
+    rt = runtime_of(pipe)
+    if rt is None:
+        return lambda: None
+    rt.uninstall()
+    rt.hook.remove()
+
+    def restore():
+        rt.hook = pipe.text_encoder.register_forward_hook(_observe(rt), with_kwargs=True)
+        rt.refresh_token_ids(pipe.tokenizer)
+        rt.install()
+
+    return restore
+
+
 def set_concept_params(pipe, name: str, *, beta: float | None = None, tau: float | None = None) -> None:
     rt = runtime_of(pipe)
     if rt is None or name not in rt.concepts:

@@ -25,7 +25,7 @@ import torch
 from perfusion_hub.concept import FORMAT, FORMAT_VERSION, Concept, atomic_write_bytes, save_concept
 from perfusion_hub.covariance import Covariance
 from perfusion_hub.errors import BadInput
-from perfusion_hub.loaders import add_tokens
+from perfusion_hub.loaders import add_tokens, suspend, unload_concepts
 from perfusion_hub.photos import load_photos
 from perfusion_hub.processor import ConceptState, PerfusionRuntime
 
@@ -224,7 +224,14 @@ def train_concept(
         i_super = enc[sup_ids == super_id].mean(0)
 
     emb_init = te.get_input_embeddings().weight[super_id].detach().float().clone()
-    add_tokens(pipe, [trigger], [emb_init])
+    # concepts loaded in this pipeline (a render keeps them) must not take part: the training runtime below
+    # would find their processors installed and never see its own concept
+    restore = suspend(pipe)
+    try:
+        add_tokens(pipe, [trigger], [emb_init])
+    except BaseException:
+        restore()
+        raise
     rt = hook = None
     kv_saved, extra = {}, {}
     try:
@@ -364,6 +371,7 @@ def train_concept(
                 a.to_k.weight.requires_grad_(False)
                 a.to_v.weight.requires_grad_(False)
         pipe.unload_textual_inversion(trigger)
+        restore()
     if cfg.method == "trained_keys":
         extra = {f"{p}.key_target": v.detach().float().cpu() for p, v in state.key_targets.items()}
 
@@ -396,6 +404,7 @@ def train_concept(
 
         previews = render_previews(base, concept, covariance, out.with_suffix(""), count=cfg.previews,
                                    steps=cfg.preview_steps, seed=cfg.seed)
+        unload_concepts(pipe, [name])  # the pipeline's loaded concepts are as before training
     return TrainResult(concept, out, previews, losses, time.perf_counter() - t0, warnings_seen)
 
 

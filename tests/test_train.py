@@ -34,6 +34,31 @@ def test_training_is_deterministic_with_a_seed_and_moves_the_concept(clean_base,
     assert not torch.equal(a.concept.target_input, c.concept.target_input)
 
 
+def test_training_ignores_loaded_concepts_and_leaves_them_loaded(clean_base, toy_cov, tmp_path):
+    """A render keeps its concepts loaded; a concept trained afterwards in the same process must come out as on the
+    bare base (the sample registry's second concept was once trained through the first one's processors and
+    learned its embedding only), and the loaded concept must render as before."""
+    from perfusion_hub.loaders import loaded_concepts
+    from perfusion_hub.render import render
+
+    photos = photo_folder(tmp_path / "photos")
+    a = train_concept(clean_base, photos, name="chair-a", superclass="chair", covariance=toy_cov,
+                      out_path=tmp_path / "a.safetensors", config=TrainConfig(**{**QUICK, "previews": 1}))
+    assert a.previews and loaded_concepts(clean_base.pipe) == []  # its preview does not leave it loaded
+    bare = _train(clean_base, toy_cov, photos, tmp_path / "b0.safetensors")
+
+    def show():
+        return render(clean_base, "a photo of <chair-a>", concepts=[a.concept], covariance=toy_cov, steps=3).images[0]
+
+    before = show()
+    assert loaded_concepts(clean_base.pipe) == ["chair-a"]
+    b = _train(clean_base, toy_cov, photos, tmp_path / "b1.safetensors")
+    for k, t in bare.concept.tensors().items():
+        assert torch.equal(t, b.concept.tensors()[k]), k
+    assert loaded_concepts(clean_base.pipe) == ["chair-a"]
+    assert list(show().getdata()) == list(before.getdata())
+
+
 def test_resume_continues_exactly(clean_base, toy_cov, tmp_path):
     photos = photo_folder(tmp_path / "photos")
     cfg = {"steps": 4, "checkpoint_every": 2}
