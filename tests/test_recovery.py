@@ -16,7 +16,8 @@ from tests import recovery
 
 # Known failure on the shipped base (chunk 8, 2026-12-01): the student closes 83% of the held-out loss gap, but
 # cos(student - control, d) is 0.047 against chance 0.038 (1.26x; a planted shift of 16 gives 0.9x). It passed on
-# chunks 3-7. strict: the day it passes again, this marker must go.
+# chunks 3-7. With the refined decoder: 51% of the gap, cos 0.040 against 0.038. strict: the day it passes again,
+# this marker must go.
 @pytest.mark.xfail(strict=True, reason="planted value shift not recovered beyond 2x chance on the chunk-8 toy base")
 def test_planted_concept_is_recovered(toy_base, toy_cov, tmp_path):
     f = recovery.run(toy_base, toy_cov, tmp_path, seed=0)
