@@ -317,6 +317,10 @@ class PerfusionRuntime:
 
     # ---- installation ---------------------------------------------------------------------------
     def install(self) -> None:
+        foreign = [p for p, a in self.layers.items()
+                   if isinstance(a.processor, PerfusionAttnProcessor) and a.processor.runtime is not self]
+        if foreign:  # stacking on it would leave this runtime's concepts unused (perfusion_hub.loaders.suspend)
+            raise RuntimeError(f"{foreign[0]} already runs another Perfusion runtime's processor")
         for path, attn in self.layers.items():
             if isinstance(attn.processor, PerfusionAttnProcessor):
                 continue

@@ -39,6 +39,7 @@ def test_training_ignores_loaded_concepts_and_leaves_them_loaded(clean_base, toy
     bare base (the sample registry's second concept was once trained through the first one's processors and
     learned its embedding only), and the loaded concept must render as before."""
     from perfusion_hub.loaders import loaded_concepts
+    from perfusion_hub.processor import PerfusionRuntime
     from perfusion_hub.render import render
 
     photos = photo_folder(tmp_path / "photos")
@@ -52,6 +53,8 @@ def test_training_ignores_loaded_concepts_and_leaves_them_loaded(clean_base, toy
 
     before = show()
     assert loaded_concepts(clean_base.pipe) == ["chair-a"]
+    with pytest.raises(RuntimeError, match="another Perfusion runtime"):  # a second runtime cannot stack on it
+        PerfusionRuntime(clean_base.pipe.unet, toy_cov.matrix).install()
     b = _train(clean_base, toy_cov, photos, tmp_path / "b1.safetensors")
     for k, t in bare.concept.tensors().items():
         assert torch.equal(t, b.concept.tensors()[k]), k
