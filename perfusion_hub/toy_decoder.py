@@ -3,8 +3,9 @@
 ``python -m perfusion_hub.toy_decoder --out DIR`` (meant for one GPU; runs on CPU with small settings).
 
 The shipped VAE was trained by `perfusion_hub.toy_build` on generic shapes only. On the world's scenes it
-loses fine parts: Mittens' collar and paws. Through the shipped VAE, the evaluator still sees Mittens in
-36% of medium and 58% of large round trips, 2% of small ones, and 48% of Mittens-on-Eames scenes.
+loses fine parts: Mittens' collar and paws. Through that VAE, the evaluator still saw Mittens in 44% of
+medium and 66% of large round trips, 5% of small ones, and 48% of Mittens-on-Eames scenes (build_info.json
+"decoder" probes, step 0).
 
 This stage trains the decoder, post-quant conv included, on base-training scenes of the world
 (`world.batch`: never a reserved instance):
