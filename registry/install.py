@@ -12,7 +12,8 @@ Promises:
   before any connection; local file:// remotes (the sample registry, bundles) still work.
 * Resolution of every reference happens before any download (a typo fails fast, fetching nothing).
   A version is recorded only once all of its blobs are verified in the store (recording overlaps the
-  remaining downloads); the blobs are marked pending meanwhile so a concurrent `gc` keeps them.
+  remaining downloads); all of its blobs, the ones already in the store included, are marked
+  pending before the store is checked, so a concurrent `gc` keeps them.
 * Publisher signatures are checked right after resolution, before any blob is fetched, under the
   namespace's trust policy (registry/signing.py): one GET per trusted key, by its known key.
 * Recording is cheap: manifests are written to the store by the download workers (in parallel, under
@@ -333,16 +334,20 @@ def install(
         for w in todo:
             if w.resolved.fresh_doc:
                 cache_put(home, w.resolved.remote, w.ref.name, *w.resolved.fresh_doc)
-        # 3. Fetch the blobs that are missing, each once, from the resolving remote first.
-        need: dict[str, tuple[int, list[Remote]]] = {}
-        for w in todo:
-            for b in w.resolved.manifest.blobs():
-                if b["digest"] not in need and not home.store.has(b["digest"]):
-                    order = [w.resolved.remote] + [r for r in remotes if r is not w.resolved.remote]
-                    need[b["digest"]] = (b["size"], order)
-        total = sum(s for s, _ in need.values())
-        dl = _Downloader(home, total, progress)
-        with home.pending(list(need) + [w.resolved.manifest.digest for w in todo]):
+        # 3. Fetch the blobs that are missing, each once, from the resolving remote first. Every blob
+        # of every version is marked pending BEFORE the presence check: a blob already in the store
+        # but unreferenced (left by a removed install) must not be taken by a gc between "it is
+        # here, skip the download" and the record.
+        mark = {b["digest"] for w in todo for b in w.resolved.manifest.blobs()}
+        mark |= {w.resolved.manifest.digest for w in todo}
+        with home.pending(sorted(mark)):
+            need: dict[str, tuple[int, list[Remote]]] = {}
+            for w in todo:
+                for b in w.resolved.manifest.blobs():
+                    if b["digest"] not in need and not home.store.has(b["digest"]):
+                        order = [w.resolved.remote] + [r for r in remotes if r is not w.resolved.remote]
+                        need[b["digest"]] = (b["size"], order)
+            dl = _Downloader(home, sum(s for s, _ in need.values()), progress)
             _fetch_and_record(home, todo, need, dl, workers)
     for w in wants:
         if w.present is not None:

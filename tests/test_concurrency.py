@@ -130,6 +130,39 @@ def test_eight_processes_mix_install_remove_gc_render_on_one_home(tmp_path, toy_
     assert r["by_op"].get("gc", 0) >= 2 and r["by_op"].get("remove", 0) >= 2, r["by_op"]
 
 
+def test_reinstall_keeps_blobs_already_in_store_from_a_concurrent_gc(tmp_path, monkeypatch):
+    """A removed version's blobs stay in the store until gc; reinstalling it skips their download.
+    A gc landing between "the blob is here" and the record must not take them (the CI failure of
+    the mix above: `concept blob ... is not in the store`). The gc runs at exactly that moment, from
+    another Home on the same directory, as a second process would."""
+    from registry.install import install
+    from registry.local_ops import gc
+
+    url, churn, _ = build_file_registry(tmp_path, churn=1, stable=0)
+    home = Home.open(tmp_path / "h")
+    home.add_remote("files", url)
+    m = churn[0]
+    install(home, [m.ref()])
+    home.remove(m.name, m.version)
+    digests = [b["digest"] for b in m.blobs()]
+    assert all(home.store.has(d) for d in digests)
+    other = Home.open(tmp_path / "h")
+    real_has, ran = home.store.has, []
+
+    def has_then_gc(digest):
+        here = real_has(digest)
+        if not ran:
+            ran.append(gc(other, grace_s=0))
+        return here
+
+    monkeypatch.setattr(home.store, "has", has_then_gc)
+    [row] = install(home, [m.ref()])
+    assert ran and ran[0]["removed"] == 0, ran
+    assert row["status"] == "installed" and all(real_has(d) for d in digests)
+    other.close()
+    home.close()
+
+
 # --------------------------------------------------------------------------------------------------
 # Publishers on one remote
 
