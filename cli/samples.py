@@ -5,12 +5,18 @@ blue collar, and an Eames-style chair (teal shell, walnut legs), from the proced
 base was trained on. Both concepts are trained on the embedded base with the default recipe and
 published into a file:// registry tree inside the package, which `pfx install` uses as its fallback
 remote (read-only to users).
+
+  python -m cli.samples                      # train both here (CPU, about 10 min) and publish them
+  python -m cli.samples --from D/pick.json   # publish the draws bench/sample_pick.py picked instead
+
+The shipped registry is such a pick: Mittens' training seed 1 and the chair's seed 2, the best of 16
+pairings on composition prompts (bench/README.md, "The shipped samples").
 """
 
 from __future__ import annotations
 
+import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -44,14 +50,26 @@ def write_photos(folder: Path, name: str, count: int = PHOTOS, sizes: tuple[str,
     return folder
 
 
-def build(target: Path, *, steps: int = 400) -> None:
+def build(target: Path, *, steps: int = 400, pick: Path | None = None) -> None:
+    """Train both samples (or take the files `pick`, a bench/sample_pick.py choice, names) and publish them
+    into a fresh file:// registry at `target`."""
     from cli.cmd_engine import base_covariance, open_base
     from cli.main import Context
+    from perfusion_hub.concept import load_concept
+    from perfusion_hub.loaders import unload_concepts
+    from perfusion_hub.render import render_previews
     from perfusion_hub.train import TrainConfig, train_concept
     from registry.compact import compact
     from registry.publish import publish_manifest
     from registry.remotes.file import FileRemote
 
+    picked = None
+    if pick is not None:  # check the whole pick before the old registry is touched
+        files = json.loads(pick.read_text()).get("pick", {}).get("files", {})
+        picked = {n: pick.parent / files[n] for n in SAMPLES if n in files}
+        missing = [n for n in SAMPLES if n not in picked or not picked[n].is_file()]
+        if missing:
+            raise SystemExit(f"{pick}: no concept file for {', '.join(missing)}")
     with tempfile.TemporaryDirectory() as tmp:
         ctx = Context(str(Path(tmp) / "home"), offline=True, debug=False)
         base = open_base(ctx, "toy", device="cpu", dtype="fp32")
@@ -60,20 +78,33 @@ def build(target: Path, *, steps: int = 400) -> None:
             shutil.rmtree(target)
         remote = FileRemote("sample-build", target)
         for name, (superclass, description) in SAMPLES.items():
-            photos = write_photos(Path(tmp) / name, name)
-            res = train_concept(base, photos, name=name, superclass=superclass, covariance=cov,
-                                out_path=Path(tmp) / f"{name}.safetensors", config=TrainConfig(steps=steps, previews=1),
-                                license="CC0-1.0", description=description)
-            m = ctx.home.add_concept_file(res.path, previews=res.previews, description=description,
+            if picked is None:
+                res = train_concept(base, write_photos(Path(tmp) / name, name), name=name, superclass=superclass,
+                                    covariance=cov, out_path=Path(tmp) / f"{name}.safetensors",
+                                    config=TrainConfig(steps=steps, previews=1), license="CC0-1.0",
+                                    description=description)
+                path, previews, note = res.path, res.previews, f"{res.seconds:.0f} s, final loss {res.losses[-1]:.4f}"
+            else:
+                path = picked[name]
+                previews = render_previews(base, load_concept(path), cov, Path(tmp) / name, count=1)
+                unload_concepts(base.pipe, [name])
+                note = f"from {path.name}"
+            m = ctx.home.add_concept_file(path, previews=previews, description=description,
                                           tags=["sample", superclass], license="CC0-1.0",
                                           covariance={"digest": cov.digest, "size": len(cov.to_bytes()),
                                                       "base_digest": base.digest, "corpus_digest": cov.corpus_digest})
             publish_manifest(remote, m, ctx.home.store.read_bytes)
-            print(f"{name}@{m.version}: {m.digest} ({res.seconds:.0f} s, final loss {res.losses[-1]:.4f})", flush=True)
+            print(f"{name}@{m.version}: {m.digest} ({note})", flush=True)
         compact(remote)  # search shards, so `pfx search` finds the samples offline
 
 
 if __name__ == "__main__":
+    import argparse
+
     from registry.home import sample_registry_path
 
-    build(sample_registry_path(), steps=int(sys.argv[1]) if len(sys.argv) > 1 else 400)
+    ap = argparse.ArgumentParser(description="Build the sample registry shipped in registry/sample_registry.")
+    ap.add_argument("steps", nargs="?", type=int, default=400, help="training steps per concept")
+    ap.add_argument("--from", dest="pick", type=Path, help="a bench/sample_pick.py pick.json: publish its files")
+    a = ap.parse_args()
+    build(sample_registry_path(), steps=a.steps, pick=a.pick)
