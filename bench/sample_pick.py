@@ -87,8 +87,8 @@ def cmd_train(args) -> None:
                 alone = judge_all(net, prompt_specs(name), render_specs(base, prompt_specs(name), 4))
             finally:
                 unload_concepts(base.pipe, [name])
-            row = {"seed": args.seed, "alone": alone, "train_s": seconds, "machine": machine(args),
-                   "torch": torch.__version__}
+            row = {"seed": args.seed, "steps": concept.training()["steps"], "alone": alone, "train_s": seconds,
+                   "machine": machine(args), "torch": torch.__version__}
             (args.dir / f"{name}-{args.seed}.json").write_text(json.dumps(row) + "\n")
             print(json.dumps({name: row}), flush=True)
 
@@ -129,17 +129,17 @@ def score(row: dict, alone: dict) -> tuple:
 
 
 def cmd_pick(args) -> None:
-    alone = {n: {json.loads(p.read_text())["seed"]: json.loads(p.read_text())["alone"]
-                 for p in args.dir.glob(f"{n}-*.json")} for n in INSTANCES}
+    draws = {p: json.loads(p.read_text()) for p in args.dir.glob("*-*.json") if not p.name.startswith("pairs-")}
+    alone = {n: {r["seed"]: r["alone"] for p, r in draws.items() if p.name.startswith(f"{n}-")} for n in INSTANCES}
     pairs = [r for p in sorted(args.dir.glob("pairs-*.json")) for r in json.loads(p.read_text())]
     if not pairs:
         raise SystemExit(f"no pairs-*.json in {args.dir}")
     best = max(pairs, key=lambda r: score(r, alone))
     mean = {k: {m: round(sum(r[k][m] for r in pairs) / len(pairs), 4) for m in ("identity", "success")}
             for k in ("select", "first_run", "composition_seed1")}
-    out = {"machines": sorted({json.loads(p.read_text())["machine"] for p in args.dir.glob("*-*.json")
-                               if not p.name.startswith("pairs-")}),
-           "recipe": {"steps": args.steps, "photos": "cli.samples", "method": "perfusion"},
+    out = {"machines": sorted({r["machine"] for r in draws.values()}),
+           "recipe": {"steps": sorted({r["steps"] for r in draws.values()}), "photos": "cli.samples",
+                      "method": "perfusion"},
            "select": {"composition_seed0_images": 4 * len(COMPOSITION),
                       "first_run_prompt_batch": {"seed": SELECT_SEED, "images": SELECT_BATCH}},
            "held_out": {"first_run_seeds": FIRST_RUN_SEEDS, "composition_seed": 1},
