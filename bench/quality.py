@@ -153,9 +153,15 @@ class Method:
         self.saved = swap_kv_weights(cross_attention_modules(base.pipe.unet), weights)
 
 
-def render_specs(base, specs, count: int, *, beta=None) -> list[list]:
-    """`count` images per spec (one batch, seed 0); concepts named in the prompt go through pfx's render, other
-    prompts through the plain pipeline."""
+def first_run_images(base) -> list[list]:
+    """The README's first render with the loaded concepts, at pfx render's defaults, seeds 0..FIRST_RUN_SEEDS-1."""
+    return [render(base, FIRST_RUN["prompt"], seed=s, steps=STEPS, guidance=GUIDANCE).images
+            for s in range(FIRST_RUN_SEEDS)]
+
+
+def render_specs(base, specs, count: int, *, beta=None, seed: int = 0) -> list[list]:
+    """`count` images per spec (one batch, seed `seed`); concepts named in the prompt go through pfx's render,
+    other prompts through the plain pipeline."""
     out = []
     rt = runtime_of(base.pipe)
     known = set(rt.concepts) if rt is not None else set()
@@ -163,9 +169,9 @@ def render_specs(base, specs, count: int, *, beta=None) -> list[list]:
         names = [w.strip("<>") for w in sp["prompt"].split() if w.startswith("<")]
         if names and set(names) <= known:
             b = {n: beta for n in names} if beta is not None else None
-            out.append(render(base, sp["prompt"], seed=0, count=count, steps=STEPS, guidance=GUIDANCE, beta=b).images)
+            out.append(render(base, sp["prompt"], seed=seed, count=count, steps=STEPS, guidance=GUIDANCE, beta=b).images)
         else:
-            g = torch.Generator("cpu").manual_seed(0)
+            g = torch.Generator("cpu").manual_seed(seed)
             out.append(base.pipe(sp["prompt"], num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=g,
                                  num_images_per_prompt=count, height=64, width=64).images)
     return out
@@ -350,8 +356,7 @@ def main(argv=None) -> int:
                 results["composition"][m] = judge_all(net, COMPOSITION, ims)
                 contact_sheet(ims, args.out / f"{tag}-composition-{m}.png")
                 if m == "perfusion":
-                    first = [render(base, FIRST_RUN["prompt"], seed=s, steps=STEPS, guidance=GUIDANCE).images
-                             for s in range(FIRST_RUN_SEEDS)]
+                    first = first_run_images(base)
                     results["first_run"] = judge_all(net, [FIRST_RUN] * FIRST_RUN_SEEDS, first)
                     results["first_run"]["seed_0_success"] = judge_all(net, [FIRST_RUN], first[:1])["success"]
                     contact_sheet([[im for ims in first for im in ims]], args.out / f"{tag}-first-run.png")

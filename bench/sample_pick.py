@@ -44,6 +44,7 @@ from bench.quality import (
     GUIDANCE,
     INSTANCES,
     STEPS,
+    first_run_images,
     judge_all,
     machine,
     prompt_specs,
@@ -94,14 +95,11 @@ def cmd_train(args) -> None:
 
 
 def _judge_pair(base, net) -> dict:
-    first = FIRST_RUN["prompt"]
-    comp0 = render_specs(base, COMPOSITION, 4)
-    batch = render(base, first, seed=SELECT_SEED, count=SELECT_BATCH, steps=STEPS, guidance=GUIDANCE).images
-    held = [render(base, first, seed=s, steps=STEPS, guidance=GUIDANCE).images for s in range(FIRST_RUN_SEEDS)]
-    comp1 = [render(base, sp["prompt"], seed=1, count=4, steps=STEPS, guidance=GUIDANCE).images for sp in COMPOSITION]
-    return {"select": judge_all(net, COMPOSITION + [FIRST_RUN], comp0 + [batch]),
-            "first_run": judge_all(net, [FIRST_RUN] * FIRST_RUN_SEEDS, held),
-            "composition_seed1": judge_all(net, COMPOSITION, comp1)}
+    batch = render(base, FIRST_RUN["prompt"], seed=SELECT_SEED, count=SELECT_BATCH, steps=STEPS,
+                   guidance=GUIDANCE).images
+    return {"select": judge_all(net, COMPOSITION + [FIRST_RUN], render_specs(base, COMPOSITION, 4) + [batch]),
+            "first_run": judge_all(net, [FIRST_RUN] * FIRST_RUN_SEEDS, first_run_images(base)),
+            "composition_seed1": judge_all(net, COMPOSITION, render_specs(base, COMPOSITION, 4, seed=1))}
 
 
 def cmd_pairs(args) -> None:

@@ -33,6 +33,7 @@ from bench.quality import (
     STEPS,
     Method,
     covariance_of,
+    first_run_images,
     judge_all,
     machine,
     prompt_specs,
@@ -41,7 +42,6 @@ from bench.quality import (
 from cli.samples import PHOTO_SIZES, PHOTOS, write_photos
 from perfusion_hub import evaluator
 from perfusion_hub.bases import load_base
-from perfusion_hub.render import render
 from perfusion_hub.train import TrainConfig, train_concept
 
 KEYS = ("identity", "alignment", "relation", "identity_and_alignment", "success")
@@ -75,9 +75,7 @@ def measure(value: str, seeds: list[int], args, net, tmp: Path, out: dict, dump)
             meth.load(base, cov)
         try:
             run["composition"] = judge_all(net, COMPOSITION, render_specs(base, COMPOSITION, args.images))
-            first = [render(base, FIRST_RUN["prompt"], seed=s, steps=STEPS, guidance=GUIDANCE).images
-                     for s in range(FIRST_RUN_SEEDS)]
-            run["first_run"] = judge_all(net, [FIRST_RUN] * FIRST_RUN_SEEDS, first)
+            run["first_run"] = judge_all(net, [FIRST_RUN] * FIRST_RUN_SEEDS, first_run_images(base))
         finally:
             for meth in trained:
                 meth.unload(base)
