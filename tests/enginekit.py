@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from perfusion_hub.concept import FORMAT, FORMAT_VERSION, Concept
 from perfusion_hub.train import TEMPLATES
+
+TOY = Path(__file__).resolve().parent.parent / "perfusion_hub" / "data" / "toy"
+needs_toy = pytest.mark.skipif(not (TOY / "unet").is_dir(), reason="the embedded toy base is not built yet")
 
 
 @torch.no_grad()

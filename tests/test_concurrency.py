@@ -23,11 +23,10 @@ import pytest
 from registry.home import Home
 from registry.publish import publish
 from tests.conceptgen import add_concept
+from tests.enginekit import needs_toy
 from tests.faultproxy import chaos_proxy, home_problems, pfx, remote_problems, start_pfx
 from tests.s3server import S3_ENV, make_bucket, moto_server
 
-TOY = Path(__file__).resolve().parent.parent / "perfusion_hub" / "data" / "toy"
-needs_toy = pytest.mark.skipif(not (TOY / "unet").is_dir(), reason="the embedded toy base is not built yet")
 # Expected exit codes per operation under concurrency (3: a concurrent remove got there first).
 ALLOWED = {"install": {0}, "remove": {0, 3}, "gc": {0}, "verify": {0}, "render": {0}}
 

@@ -28,6 +28,7 @@ import pytest
 
 from registry.home import Home
 from tests.conceptgen import add_concept, publish_big_concepts
+from tests.enginekit import needs_toy
 from tests.faultproxy import (
     chaos_proxy,
     clean_error,
@@ -39,9 +40,6 @@ from tests.faultproxy import (
     start_pfx,
 )
 from tests.s3server import isolate_aws_env, new_bucket
-
-TOY = Path(__file__).resolve().parent.parent / "perfusion_hub" / "data" / "toy"
-needs_toy = pytest.mark.skipif(not (TOY / "unet").is_dir(), reason="the embedded toy base is not built yet")
 
 
 @pytest.fixture(autouse=True)

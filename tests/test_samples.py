@@ -13,8 +13,7 @@ from perfusion_hub.concept import save_concept
 from registry.home import Home
 from registry.install import install
 from registry.names import parse_ref
-from tests.enginekit import synthetic_concept
-from tests.test_concurrency import needs_toy
+from tests.enginekit import needs_toy, synthetic_concept
 
 
 @needs_toy
