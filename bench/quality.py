@@ -153,10 +153,9 @@ class Method:
         self.saved = swap_kv_weights(cross_attention_modules(base.pipe.unet), weights)
 
 
-def first_run_images(base) -> list[list]:
+def first_run_images(base, prompt: str = FIRST_RUN["prompt"]) -> list[list]:
     """The README's first render with the loaded concepts, at pfx render's defaults, seeds 0..FIRST_RUN_SEEDS-1."""
-    return [render(base, FIRST_RUN["prompt"], seed=s, steps=STEPS, guidance=GUIDANCE).images
-            for s in range(FIRST_RUN_SEEDS)]
+    return [render(base, prompt, seed=s, steps=STEPS, guidance=GUIDANCE).images for s in range(FIRST_RUN_SEEDS)]
 
 
 def render_specs(base, specs, count: int, *, beta=None, seed: int = 0) -> list[list]:

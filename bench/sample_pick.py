@@ -3,25 +3,32 @@
 
 One training run is one draw (bench/spread.py): over 8 draws the README's first render held both identities
 and the relation in 0-67% of seeds. The samples are the showcase, so they are picked: every training seed
-trains both concepts (the cli.samples recipe: 8 photos, 400 steps, perfusion), every Mittens draw is paired
-with every Eames draw, and each pair is scored on a SELECTION set:
+trains both concepts (the cli.samples recipe: 8 photos, 400 steps, perfusion), and every Mittens draw is
+paired with every Eames draw. A pair's success = both identities, background and classes, and the relation
+"on". Three stages, each on images the others never saw:
 
-  the composition prompts of bench/quality.py, 4 images each (render seed 0), and
-  the README prompt "a photo of cat-mittens on chair-eames" as one batch of 24 (render seed 1000).
+  1 screen   every pair: the composition prompts of bench/quality.py x4 (render seed 0) and the README prompt
+             "a photo of cat-mittens on chair-eames" as one batch of 24 (render seed 1000): 48 images
+  2 confirm  the best --top pairs of the screen and --random others: the same set at render seeds 2 and 3
+             (SELECT, 144 images with the screen's), then the HELD-OUT sets: the README's first render at pfx
+             render's defaults, seeds 0-11 (what a new user sees), and the composition prompts at render seed 1
+  3 readme   the confirmed pairs: the README prompt alone, 12 batches of 24 (render seeds 2000-2011)
 
-The pair with the highest success rate there (both identities, background and classes, the relation "on";
-ties: both identities, then each concept's identity alone) is the pick. HELD OUT, never used to pick: the
-README's first render at pfx render's defaults, seeds 0-11 (what a new user sees), and the composition prompts
-at render seed 1. Every pair's figures are kept, so how well selection predicts the held-out set is on record.
+The pick is the best pair by stage 3's success (then SELECT's, then both identities, then each concept's
+identity alone). The held-out sets are never used to pick; every finalist's figures are kept, so how well
+each stage predicts them is on record (pick.json's "correlation").
 
   python bench/sample_pick.py train --seed 3 --dir D      # D/<name>-3.safetensors + .json (a file
                                                           # already in D is judged, not retrained)
-  python bench/sample_pick.py pairs --mittens 3 --dir D   # D/pairs-3.json (against every Eames draw in D)
-  python bench/sample_pick.py pick --dir D                # D/pick.json: the choice and every pair's figures
+  python bench/sample_pick.py screen --mittens 3 --dir D  # D/screen-3.json (against every Eames draw in D)
+  python bench/sample_pick.py confirm --dir D             # D/pairs-0.json (--shard i --shards n: a part)
+  python bench/sample_pick.py readme --dir D              # D/readme-0.json (sharded the same way)
+  python bench/sample_pick.py pick --dir D                # D/pick.json: the choice and every finalist's figures
+  python bench/sample_pick.py sheet --dir D --pairs 12:7  # D/first-run.png: seeds 0-11, the words, each pair
   python -m cli.samples --from D/pick.json                # publish the picked files as the sample registry
 
-The shipped pick ran on CPU (about 13 min per training seed and 2 min per pair on 2 threads); --device cuda
-uses the same code paths as bench/spread.py on a GPU but was not run for this script.
+bench/gpu_pick.sh runs stages 1-3 and the pick on the lent GPU, one process per draw or shard (16 draws:
+about 7 minutes on an H200). On CPU a training seed takes about 13 min and a screened pair 1 min (2 threads).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +52,7 @@ from bench.quality import (
     GUIDANCE,
     INSTANCES,
     STEPS,
+    contact_sheet,
     first_run_images,
     judge_all,
     machine,
@@ -60,7 +69,7 @@ from perfusion_hub.render import render
 from perfusion_hub.train import TrainConfig, train_concept
 
 MITTENS, EAMES = INSTANCES
-SELECT_BATCH, SELECT_SEED = 24, 1000
+SELECT_BATCH, SELECT_SEED, README_SEED = 24, 1000, 2000
 
 
 def _setup(args):
@@ -94,70 +103,180 @@ def cmd_train(args) -> None:
             print(json.dumps({name: row}), flush=True)
 
 
-def _judge_pair(base, net) -> dict:
-    batch = render(base, FIRST_RUN["prompt"], seed=SELECT_SEED, count=SELECT_BATCH, steps=STEPS,
+def _select(base, net, seed: int) -> dict:
+    """The selection set at one render seed: the composition prompts x4, and the README prompt as a batch."""
+    batch = render(base, FIRST_RUN["prompt"], seed=SELECT_SEED + seed, count=SELECT_BATCH, steps=STEPS,
                    guidance=GUIDANCE).images
-    return {"select": judge_all(net, COMPOSITION + [FIRST_RUN], render_specs(base, COMPOSITION, 4) + [batch]),
-            "first_run": judge_all(net, [FIRST_RUN] * FIRST_RUN_SEEDS, first_run_images(base)),
-            "composition_seed1": judge_all(net, COMPOSITION, render_specs(base, COMPOSITION, 4, seed=1))}
+    return judge_all(net, COMPOSITION + [FIRST_RUN], render_specs(base, COMPOSITION, 4, seed=seed) + [batch])
 
 
-def cmd_pairs(args) -> None:
-    """One Mittens draw against every Eames draw in --dir."""
-    base, cov, net = _setup(args)
-    mittens = load_concept(args.dir / f"{MITTENS}-{args.mittens}.safetensors")
+def _merge(rates: list[dict]) -> dict:
+    """judge_all rates over several image sets, as if judged at once (weighted by each set's n)."""
+    n = sum(r["n"] for r in rates)
+    return {**{k: round(sum(r[k] * r["n"] for r in rates) / n, 4) for k in rates[0] if k != "n"}, "n": n}
+
+
+def _pair_rows(args, base, cov, net, pairs, judge) -> list[dict]:
     rows = []
-    for path in sorted(args.dir.glob(f"{EAMES}-*.safetensors")):
-        eames_seed = int(path.stem.rsplit("-", 1)[1])
-        load_concepts(base.pipe, [mittens, load_concept(path)], covariance=cov)
+    for m, e in pairs:
+        load_concepts(base.pipe, [load_concept(args.dir / f"{MITTENS}-{m}.safetensors"),
+                                  load_concept(args.dir / f"{EAMES}-{e}.safetensors")], covariance=cov)
         try:
-            row = {"mittens": args.mittens, "eames": eames_seed, **_judge_pair(base, net)}
+            rows.append({"mittens": m, "eames": e, **judge(m, e)})
         finally:
             unload_concepts(base.pipe)
-        print(f"mittens {args.mittens} eames {eames_seed}: select {row['select']['success']:.2f}, "
-              f"first run {row['first_run']['success']:.2f}", flush=True)
-        rows.append(row)
-    (args.dir / f"pairs-{args.mittens}.json").write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"mittens {m} eames {e}: " + ", ".join(f"{k} {v['success']:.2f}" for k, v in rows[-1].items()
+                                                     if isinstance(v, dict)), flush=True)
+    return rows
+
+
+def _seeds(args, name: str) -> list[int]:
+    return sorted(int(p.stem.rsplit("-", 1)[1]) for p in args.dir.glob(f"{name}-*.safetensors"))
+
+
+def cmd_screen(args) -> None:
+    """Stage 1: one Mittens draw against every Eames draw in --dir, on the selection set at render seed 0."""
+    base, cov, net = _setup(args)
+    rows = _pair_rows(args, base, cov, net, [(args.mittens, e) for e in _seeds(args, EAMES)],
+                      lambda m, e: {"select": _select(base, net, 0)})
+    (args.dir / f"screen-{args.mittens}.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def _alone(args) -> dict:
+    draws = {p.name: json.loads(p.read_text()) for n in INSTANCES for p in args.dir.glob(f"{n}-*.json")}
+    return {n: {r["seed"]: r["alone"] for f, r in draws.items() if f.startswith(f"{n}-")} for n in INSTANCES}
 
 
 def score(row: dict, alone: dict) -> tuple:
+    """Best first: the README prompt's success where stage 3 measured it, then the selection set's, then
+    both identities there, then each concept's identity alone."""
     sel = row["select"]
-    return (sel["success"], sel["identity"],
+    return (row["readme"]["success"] if "readme" in row else 0, sel["success"], sel["identity"],
             alone[MITTENS][row["mittens"]]["identity"] + alone[EAMES][row["eames"]]["identity"])
 
 
-def cmd_pick(args) -> None:
-    draws = {p: json.loads(p.read_text()) for p in args.dir.glob("*-*.json") if not p.name.startswith("pairs-")}
-    alone = {n: {r["seed"]: r["alone"] for p, r in draws.items() if p.name.startswith(f"{n}-")} for n in INSTANCES}
-    pairs = [r for p in sorted(args.dir.glob("pairs-*.json")) for r in json.loads(p.read_text())]
-    if not pairs:
+def _screened(args) -> list[dict]:
+    rows = [r for p in sorted(args.dir.glob("screen-*.json")) for r in json.loads(p.read_text())]
+    if not rows:
+        raise SystemExit(f"no screen-*.json in {args.dir}")
+    return rows
+
+
+def finalists(args) -> list[dict]:
+    """The screened pairs that go on: the best --top by score, and --random of the others (rng seed 0), so that
+    how selection predicts the held-out sets is also measured away from the top."""
+    alone = _alone(args)
+    rows = sorted(_screened(args), key=lambda r: score(r, alone), reverse=True)
+    rest = rows[args.top:]
+    picks = np.random.default_rng(0).choice(len(rest), size=min(args.random, len(rest)), replace=False)
+    return rows[:args.top] + [rest[i] for i in sorted(picks)]
+
+
+def cmd_confirm(args) -> None:
+    """Stage 2, one shard of the finalists: more selection images (--select-seeds), then the held-out sets."""
+    base, cov, net = _setup(args)
+    mine = finalists(args)[args.shard::args.shards]
+    screen = {(r["mittens"], r["eames"]): r["select"] for r in mine}
+
+    def judge(m, e):
+        first = screen[(m, e)]
+        return {"screen": first, "select": _merge([first, *(_select(base, net, s) for s in args.select_seeds)]),
+                "first_run": judge_all(net, [FIRST_RUN] * FIRST_RUN_SEEDS, first_run_images(base)),
+                "composition_seed1": judge_all(net, COMPOSITION, render_specs(base, COMPOSITION, 4, seed=1))}
+
+    rows = _pair_rows(args, base, cov, net, list(screen), judge)
+    (args.dir / f"pairs-{args.shard}.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def _confirmed(args) -> list[dict]:
+    rows = [r for p in sorted(args.dir.glob("pairs-*.json")) for r in json.loads(p.read_text())]
+    if not rows:
         raise SystemExit(f"no pairs-*.json in {args.dir}")
+    return rows
+
+
+def cmd_readme(args) -> None:
+    """Stage 3, one shard of the confirmed pairs: the README prompt alone, --batches batches of SELECT_BATCH at
+    render seeds 2000, 2001, ... (pfx render's own seeds 0-11 stay held out)."""
+    base, cov, net = _setup(args)
+    mine = [(r["mittens"], r["eames"]) for r in _confirmed(args)][args.shard::args.shards]
+    rows = _pair_rows(args, base, cov, net, mine, lambda m, e: {"readme": judge_all(
+        net, [FIRST_RUN] * args.batches,
+        [render(base, FIRST_RUN["prompt"], seed=README_SEED + i, count=SELECT_BATCH, steps=STEPS,
+                guidance=GUIDANCE).images for i in range(args.batches)])})
+    (args.dir / f"readme-{args.shard}.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def cmd_pick(args) -> None:
+    alone = _alone(args)
+    machines = {json.loads(p.read_text())["machine"] for n in INSTANCES for p in args.dir.glob(f"{n}-*.json")}
+    steps = {json.loads(p.read_text())["steps"] for n in INSTANCES for p in args.dir.glob(f"{n}-*.json")}
+    screened = _screened(args)
+    readme = {(r["mittens"], r["eames"]): r["readme"]
+              for p in sorted(args.dir.glob("readme-*.json")) for r in json.loads(p.read_text())}
+    pairs = [{**r, **({"readme": readme[k]} if (k := (r["mittens"], r["eames"])) in readme else {})}
+             for r in _confirmed(args)]
     best = max(pairs, key=lambda r: score(r, alone))
-    mean = {k: {m: round(sum(r[k][m] for r in pairs) / len(pairs), 4) for m in ("identity", "success")}
-            for k in ("select", "first_run", "composition_seed1")}
-    out = {"machines": sorted({r["machine"] for r in draws.values()}),
-           "recipe": {"steps": sorted({r["steps"] for r in draws.values()}), "photos": "cli.samples",
-                      "method": "perfusion"},
-           "select": {"composition_seed0_images": 4 * len(COMPOSITION),
-                      "first_run_prompt_batch": {"seed": SELECT_SEED, "images": SELECT_BATCH}},
+    kinds = [k for k in ("select", "readme", "first_run", "composition_seed1") if all(k in r for r in pairs)]
+    mean = {k: {m: round(float(np.mean([r[k][m] for r in pairs])), 4) for m in ("identity", "success")}
+            for k in kinds}
+    corr = {}
+    for est in kinds[:-2]:  # how each selection figure predicts each held-out one, over the finalists
+        for held in kinds[-2:]:
+            a, b = ([r[k]["success"] for r in pairs] for k in (est, held))
+            corr[f"{est}~{held}"] = round(float(np.corrcoef(a, b)[0, 1]), 2) if min(np.std(a), np.std(b)) else None
+    out = {"machines": sorted(machines), "recipe": {"steps": sorted(steps), "photos": "cli.samples",
+                                                    "method": "perfusion"},
+           "screen": {"pairs": len(screened), "render_seed": 0, "images": screened[0]["select"]["n"],
+                      "mean_success": round(float(np.mean([r["select"]["success"] for r in screened])), 4)},
+           "select": {"render_seeds": [0, *args.select_seeds], "images": best["select"]["n"],
+                      "per_seed": {"composition_images": 4 * len(COMPOSITION),
+                                   "first_run_prompt_batch": SELECT_BATCH, "batch_seed": f"{SELECT_SEED}+seed"}},
+           "readme": {"render_seeds": f"{README_SEED}+i", "images": best["readme"]["n"]} if "readme" in best else None,
            "held_out": {"first_run_seeds": FIRST_RUN_SEEDS, "composition_seed": 1},
            "pick": {"mittens_seed": best["mittens"], "eames_seed": best["eames"],
                     "files": {MITTENS: f"{MITTENS}-{best['mittens']}.safetensors",
                               EAMES: f"{EAMES}-{best['eames']}.safetensors"},
                     "alone": {MITTENS: alone[MITTENS][best["mittens"]], EAMES: alone[EAMES][best["eames"]]},
-                    **{k: best[k] for k in ("select", "first_run", "composition_seed1")}},
-           "mean_over_pairs": mean, "pairs": len(pairs), "alone": alone, "all_pairs": pairs}
+                    **{k: best[k] for k in kinds}},
+           "finalists": len(pairs), "mean_over_finalists": mean,
+           "correlation": corr, "alone": alone, "finalist_pairs": pairs}
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out["pick"]), flush=True)
-    print(json.dumps({"mean_over_pairs": mean}), flush=True)
+    print(json.dumps({k: out[k] for k in ("screen", "mean_over_finalists", "correlation")}),
+          flush=True)
+
+
+def cmd_sheet(args) -> None:
+    """The README's first render at seeds 0-11 as a contact sheet (DIR/first-run.png): one row with the
+    superclass words and no concept ("a photo of a cat on a chair"), then one row per --pairs M:E."""
+    base, cov, _ = _setup(args)
+    rows = [first_run_images(base, FIRST_RUN["prompt"].replace("<cat-mittens>", "a cat")
+                             .replace("<chair-eames>", "a chair"))]
+    for m, e in (pair.split(":") for pair in args.pairs.split(",")):
+        load_concepts(base.pipe, [load_concept(args.dir / f"{MITTENS}-{m}.safetensors"),
+                                  load_concept(args.dir / f"{EAMES}-{e}.safetensors")], covariance=cov)
+        try:
+            rows.append(first_run_images(base))
+        finally:
+            unload_concepts(base.pipe)
+    contact_sheet([[im for ims in row for im in ims] for row in rows], args.dir / "first-run.png", limit=len(rows))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("mode", choices=("train", "pairs", "pick"))
+    ap.add_argument("mode", choices=("train", "screen", "confirm", "readme", "pick", "sheet"))
     ap.add_argument("--dir", type=Path, required=True, help="where the draws, their scores and the pairs live")
     ap.add_argument("--seed", type=int, default=0, help="train: the training seed")
-    ap.add_argument("--mittens", type=int, default=0, help="pairs: the Mittens draw (its training seed)")
+    ap.add_argument("--mittens", type=int, default=0, help="screen: the Mittens draw (its training seed)")
+    ap.add_argument("--top", type=int, default=16, help="confirm: the best screened pairs that go on")
+    ap.add_argument("--random", type=int, default=8, help="confirm: and this many other screened pairs")
+    ap.add_argument("--select-seeds", type=lambda v: [int(x) for x in v.split(",") if x], default=[2, 3],
+                    help="confirm: the selection set's further render seeds (never 1: held out)")
+    ap.add_argument("--batches", type=int, default=8, help="readme: batches of the README prompt per pair")
+    ap.add_argument("--pairs", default="", help="sheet: the pairs M:E, one row each")
+    ap.add_argument("--shard", type=int, default=0)
+    ap.add_argument("--shards", type=int, default=1)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
@@ -165,7 +284,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
     args.out = args.out or args.dir / "pick.json"
-    {"train": cmd_train, "pairs": cmd_pairs, "pick": cmd_pick}[args.mode](args)
+    if 1 in args.select_seeds or 0 in args.select_seeds:
+        ap.error("--select-seeds: render seed 1 is held out and seed 0 is the screen's")
+    {"train": cmd_train, "screen": cmd_screen, "confirm": cmd_confirm, "readme": cmd_readme,
+     "pick": cmd_pick, "sheet": cmd_sheet}[args.mode](args)
     return 0
 
 
