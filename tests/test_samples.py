@@ -1,14 +1,21 @@
 """cli.samples --from: the sample registry built from picked concept files (bench/sample_pick.py) publishes
-exactly those files, with a preview each, into a registry that installs."""
+exactly those files, with a preview each, into a registry that installs; and the README's first command, as
+written, installs the shipped samples and renders Mittens on the Eames chair."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shlex
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+from PIL import Image
 
+from cli.main import cli
 from cli.samples import SAMPLES, build
+from perfusion_hub import evaluator
 from perfusion_hub.concept import save_concept
 from registry.home import Home
 from registry.install import install
@@ -57,3 +64,30 @@ def test_build_from_an_incomplete_pick_changes_nothing(tmp_path):
     with pytest.raises(SystemExit, match="no concept file for chair-eames"):
         build(target, pick=pick)
     assert (target / "kept").is_dir()
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_first_command() -> list[list[str]]:
+    """The pfx commands of the README's first command line (the first bash block), split as the shell would."""
+    block = README.read_text().split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(part)[1:] for part in block.strip().split(" && ") if part.strip().startswith("pfx ")]
+
+
+@needs_toy
+def test_readme_first_command_renders_mittens_on_the_eames_chair(tmp_path, monkeypatch):
+    monkeypatch.setenv("PFX_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("PFX_BASE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    commands = readme_first_command()
+    assert [c[0] for c in commands] == ["install", "render"]
+    for args in commands:
+        res = CliRunner().invoke(cli, args, catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+    image = Image.open(tmp_path / commands[1][commands[1].index("-o") + 1]).convert("RGB")
+    spec = {"bg": None, "objects": [("cat", None), ("chair", None)], "position": None, "relation": "on"}
+    r = evaluator.read(evaluator.load(), [image])
+    verdict = evaluator.judge(spec, r, 0)
+    assert r["mittens"][0] > 0.5 and r["eames"][0] > 0.5, "the evaluator finds no Mittens or no Eames chair"
+    assert verdict["all_basic"] and verdict["relation"], verdict
