@@ -142,9 +142,13 @@ def cmd_screen(args) -> None:
     (args.dir / f"screen-{args.mittens}.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
-def _alone(args) -> dict:
-    draws = {p.name: json.loads(p.read_text()) for n in INSTANCES for p in args.dir.glob(f"{n}-*.json")}
-    return {n: {r["seed"]: r["alone"] for f, r in draws.items() if f.startswith(f"{n}-")} for n in INSTANCES}
+def _draws(args) -> dict:
+    """Each concept's draws in --dir: {name: {training seed: the draw's JSON}}."""
+    return {n: {(r := json.loads(p.read_text()))["seed"]: r for p in args.dir.glob(f"{n}-*.json")} for n in INSTANCES}
+
+
+def _alone(draws: dict) -> dict:
+    return {n: {seed: r["alone"] for seed, r in by_seed.items()} for n, by_seed in draws.items()}
 
 
 def score(row: dict, alone: dict) -> tuple:
@@ -165,7 +169,7 @@ def _screened(args) -> list[dict]:
 def finalists(args) -> list[dict]:
     """The screened pairs that go on: the best --top by score, and --random of the others (rng seed 0), so that
     how selection predicts the held-out sets is also measured away from the top."""
-    alone = _alone(args)
+    alone = _alone(_draws(args))
     rows = sorted(_screened(args), key=lambda r: score(r, alone), reverse=True)
     rest = rows[args.top:]
     picks = np.random.default_rng(0).choice(len(rest), size=min(args.random, len(rest)), replace=False)
@@ -208,9 +212,10 @@ def cmd_readme(args) -> None:
 
 
 def cmd_pick(args) -> None:
-    alone = _alone(args)
-    machines = {json.loads(p.read_text())["machine"] for n in INSTANCES for p in args.dir.glob(f"{n}-*.json")}
-    steps = {json.loads(p.read_text())["steps"] for n in INSTANCES for p in args.dir.glob(f"{n}-*.json")}
+    draws = _draws(args)
+    alone = _alone(draws)
+    rows = [r for by_seed in draws.values() for r in by_seed.values()]
+    machines, steps = {r["machine"] for r in rows}, {r["steps"] for r in rows}
     screened = _screened(args)
     readme = {(r["mittens"], r["eames"]): r["readme"]
               for p in sorted(args.dir.glob("readme-*.json")) for r in json.loads(p.read_text())}
