@@ -159,10 +159,11 @@ def score(row: dict, alone: dict) -> tuple:
             alone[MITTENS][row["mittens"]]["identity"] + alone[EAMES][row["eames"]]["identity"])
 
 
-def _screened(args) -> list[dict]:
-    rows = [r for p in sorted(args.dir.glob("screen-*.json")) for r in json.loads(p.read_text())]
+def _rows(args, stage: str) -> list[dict]:
+    """Every row a stage wrote into --dir (stage: "screen", "pairs" or "readme")."""
+    rows = [r for p in sorted(args.dir.glob(f"{stage}-*.json")) for r in json.loads(p.read_text())]
     if not rows:
-        raise SystemExit(f"no screen-*.json in {args.dir}")
+        raise SystemExit(f"no {stage}-*.json in {args.dir}")
     return rows
 
 
@@ -170,7 +171,7 @@ def finalists(args) -> list[dict]:
     """The screened pairs that go on: the best --top by score, and --random of the others (rng seed 0), so that
     how selection predicts the held-out sets is also measured away from the top."""
     alone = _alone(_draws(args))
-    rows = sorted(_screened(args), key=lambda r: score(r, alone), reverse=True)
+    rows = sorted(_rows(args, "screen"), key=lambda r: score(r, alone), reverse=True)
     rest = rows[args.top:]
     picks = np.random.default_rng(0).choice(len(rest), size=min(args.random, len(rest)), replace=False)
     return rows[:args.top] + [rest[i] for i in sorted(picks)]
@@ -192,18 +193,11 @@ def cmd_confirm(args) -> None:
     (args.dir / f"pairs-{args.shard}.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
-def _confirmed(args) -> list[dict]:
-    rows = [r for p in sorted(args.dir.glob("pairs-*.json")) for r in json.loads(p.read_text())]
-    if not rows:
-        raise SystemExit(f"no pairs-*.json in {args.dir}")
-    return rows
-
-
 def cmd_readme(args) -> None:
     """Stage 3, one shard of the confirmed pairs: the README prompt alone, --batches batches of SELECT_BATCH at
     render seeds 2000, 2001, ... (pfx render's own seeds 0-11 stay held out)."""
     base, cov, net = _setup(args)
-    mine = [(r["mittens"], r["eames"]) for r in _confirmed(args)][args.shard::args.shards]
+    mine = [(r["mittens"], r["eames"]) for r in _rows(args, "pairs")][args.shard::args.shards]
     rows = _pair_rows(args, base, cov, net, mine, lambda m, e: {"readme": judge_all(
         net, [FIRST_RUN] * args.batches,
         [render(base, FIRST_RUN["prompt"], seed=README_SEED + i, count=SELECT_BATCH, steps=STEPS,
@@ -216,11 +210,10 @@ def cmd_pick(args) -> None:
     alone = _alone(draws)
     rows = [r for by_seed in draws.values() for r in by_seed.values()]
     machines, steps = {r["machine"] for r in rows}, {r["steps"] for r in rows}
-    screened = _screened(args)
-    readme = {(r["mittens"], r["eames"]): r["readme"]
-              for p in sorted(args.dir.glob("readme-*.json")) for r in json.loads(p.read_text())}
+    screened = _rows(args, "screen")
+    readme = {(r["mittens"], r["eames"]): r["readme"] for r in _rows(args, "readme")}
     pairs = [{**r, **({"readme": readme[k]} if (k := (r["mittens"], r["eames"])) in readme else {})}
-             for r in _confirmed(args)]
+             for r in _rows(args, "pairs")]
     best = max(pairs, key=lambda r: score(r, alone))
     kinds = [k for k in ("select", "readme", "first_run", "composition_seed1") if all(k in r for r in pairs)]
     mean = {k: {m: round(float(np.mean([r[k][m] for r in pairs])), 4) for m in ("identity", "success")}
