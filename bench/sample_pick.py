@@ -37,6 +37,7 @@ import argparse
 import json
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -103,11 +104,15 @@ def cmd_train(args) -> None:
             print(json.dumps({name: row}), flush=True)
 
 
+def _readme_batch(base, seed: int) -> list:
+    """SELECT_BATCH images of the README prompt from one render seed."""
+    return render(base, FIRST_RUN["prompt"], seed=seed, count=SELECT_BATCH, steps=STEPS, guidance=GUIDANCE).images
+
+
 def _select(base, net, seed: int) -> dict:
     """The selection set at one render seed: the composition prompts x4, and the README prompt as a batch."""
-    batch = render(base, FIRST_RUN["prompt"], seed=SELECT_SEED + seed, count=SELECT_BATCH, steps=STEPS,
-                   guidance=GUIDANCE).images
-    return judge_all(net, COMPOSITION + [FIRST_RUN], render_specs(base, COMPOSITION, 4, seed=seed) + [batch])
+    return judge_all(net, COMPOSITION + [FIRST_RUN],
+                     render_specs(base, COMPOSITION, 4, seed=seed) + [_readme_batch(base, SELECT_SEED + seed)])
 
 
 def _merge(rates: list[dict]) -> dict:
@@ -116,15 +121,22 @@ def _merge(rates: list[dict]) -> dict:
     return {**{k: round(sum(r[k] * r["n"] for r in rates) / n, 4) for k in rates[0] if k != "n"}, "n": n}
 
 
+@contextmanager
+def _pair_loaded(args, base, cov, m, e):
+    """Mittens draw m and Eames draw e of --dir in the pipeline, for the block."""
+    load_concepts(base.pipe, [load_concept(args.dir / f"{MITTENS}-{m}.safetensors"),
+                              load_concept(args.dir / f"{EAMES}-{e}.safetensors")], covariance=cov)
+    try:
+        yield
+    finally:
+        unload_concepts(base.pipe)
+
+
 def _pair_rows(args, base, cov, net, pairs, judge) -> list[dict]:
     rows = []
     for m, e in pairs:
-        load_concepts(base.pipe, [load_concept(args.dir / f"{MITTENS}-{m}.safetensors"),
-                                  load_concept(args.dir / f"{EAMES}-{e}.safetensors")], covariance=cov)
-        try:
+        with _pair_loaded(args, base, cov, m, e):
             rows.append({"mittens": m, "eames": e, **judge(m, e)})
-        finally:
-            unload_concepts(base.pipe)
         print(f"mittens {m} eames {e}: " + ", ".join(f"{k} {v['success']:.2f}" for k, v in rows[-1].items()
                                                      if isinstance(v, dict)), flush=True)
     return rows
@@ -200,8 +212,7 @@ def cmd_readme(args) -> None:
     mine = [(r["mittens"], r["eames"]) for r in _rows(args, "pairs")][args.shard::args.shards]
     rows = _pair_rows(args, base, cov, net, mine, lambda m, e: {"readme": judge_all(
         net, [FIRST_RUN] * args.batches,
-        [render(base, FIRST_RUN["prompt"], seed=README_SEED + i, count=SELECT_BATCH, steps=STEPS,
-                guidance=GUIDANCE).images for i in range(args.batches)])})
+        [_readme_batch(base, README_SEED + i) for i in range(args.batches)])})
     (args.dir / f"readme-{args.shard}.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
@@ -252,12 +263,8 @@ def cmd_sheet(args) -> None:
     rows = [first_run_images(base, FIRST_RUN["prompt"].replace("<cat-mittens>", "a cat")
                              .replace("<chair-eames>", "a chair"))]
     for m, e in (pair.split(":") for pair in args.pairs.split(",")):
-        load_concepts(base.pipe, [load_concept(args.dir / f"{MITTENS}-{m}.safetensors"),
-                                  load_concept(args.dir / f"{EAMES}-{e}.safetensors")], covariance=cov)
-        try:
+        with _pair_loaded(args, base, cov, m, e):
             rows.append(first_run_images(base))
-        finally:
-            unload_concepts(base.pipe)
     contact_sheet([[im for ims in row for im in ims] for row in rows], args.dir / "first-run.png", limit=len(rows))
 
 
