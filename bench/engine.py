@@ -162,7 +162,7 @@ def cold_child():
 
 
 def covariance(base, n: int):
-    from perfusion_hub.corpus import corpus_digest, load_captions
+    from perfusion_hub.captions import corpus_digest, load_captions
     from perfusion_hub.covariance import estimate
 
     lines = load_captions()[:n]

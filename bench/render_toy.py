@@ -61,7 +61,7 @@ def in_process(args, ctx, pairs) -> dict:
     from cli.cmd_engine import _concepts_for
     from perfusion_hub.bases import load_base
     from perfusion_hub.render import render
-    from perfusion_hub.toy_build import TOY_DIR
+    from toyworld.build import TOY_DIR
 
     base = load_base("toy", device="cpu", dtype="fp32")
     plain = StableDiffusionPipeline.from_pretrained(str(TOY_DIR), safety_checker=None, requires_safety_checker=False,

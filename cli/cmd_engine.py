@@ -57,7 +57,7 @@ def open_base(ctx_obj, value: str, *, device=None, dtype=None, tokenizer=None):
 
 def base_covariance(ctx_obj, base, captions: str | None = None, *, required_corpus: str | None = None):
     """C for (base, corpus): from the store, else estimated once (progress bar) and stored."""
-    from perfusion_hub.corpus import corpus_digest, load_captions
+    from perfusion_hub.captions import corpus_digest, load_captions
     from perfusion_hub.covariance import Covariance, estimate, packaged_covariance
 
     home = ctx_obj.home

@@ -126,7 +126,7 @@ PACKAGED_NAME = "covariance.safetensors"
 
 def packaged_covariance(base) -> Covariance | None:
     """The covariance shipped beside an embedded base, if it matches the base and the packaged corpus."""
-    from perfusion_hub.corpus import corpus_digest, load_captions
+    from perfusion_hub.captions import corpus_digest, load_captions
 
     if base.spec.kind != "embedded":
         return None
@@ -137,13 +137,3 @@ def packaged_covariance(base) -> Covariance | None:
     if cov.base_digest != base.digest or cov.corpus_digest != corpus_digest(load_captions()):
         return None
     return cov
-
-
-def write_packaged(base) -> Path:
-    """Estimate C for an embedded base over the packaged corpus and write it beside the base."""
-    from perfusion_hub.corpus import corpus_digest, load_captions
-
-    lines = load_captions()
-    cov = estimate(base.pipe.tokenizer, base.pipe.text_encoder, lines, base_digest=base.digest,
-                   corpus_digest=corpus_digest(lines), batch_size=256)
-    return cov.save(Path(base.spec.location) / PACKAGED_NAME)

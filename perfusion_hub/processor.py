@@ -73,7 +73,7 @@ class ConceptState:
     beta: float
     tau: float
     metadata: dict[str, str] = field(default_factory=dict)
-    # the "trained keys" ablation only (bench/quality.py): attn2 path -> o*_K [d_l] instead of W_K i_super
+    # the "trained keys" ablation only (toyworld/quality.py): attn2 path -> o*_K [d_l] instead of W_K i_super
     key_targets: dict[str, torch.Tensor] | None = None
 
 

@@ -64,7 +64,7 @@ class TrainConfig:
     previews: int = 2
     preview_steps: int = 25
     templates: tuple[str, ...] | None = None  # None: the base's own (pfx.json "templates"), else TEMPLATES
-    # Ablations measured by bench/quality.py (same loop, same budget); only "perfusion" writes a concept file:
+    # Ablations measured by toyworld/quality.py (same loop, same budget); only "perfusion" writes a concept file:
     #   "trained_keys":   key targets o*_K trained like the values instead of locked to W_K i_super;
     #   "embedding_only": Textual-Inversion style, the token embedding alone, no edit;
     #   "full_kv":        Custom-Diffusion style, the embedding plus every attn2 to_k/to_v weight, no edit.

@@ -1,4 +1,4 @@
-"""The shipped toy-world evaluator (perfusion_hub.evaluator): labels, relation rules, accuracy, identity heads.
+"""The shipped toy-world evaluator (toyworld.evaluator): labels, relation rules, accuracy, identity heads.
 
 ~15 s on 2 CPU threads (a few hundred fresh generator images).
 """
@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from perfusion_hub import evaluator, world
+from toyworld import evaluator, world
 
 needs_weights = pytest.mark.skipif(not (evaluator.EVAL_DIR / "model.safetensors").is_file(),
                                    reason="evaluator weights not trained yet")
@@ -57,7 +57,7 @@ def test_relation_rules_accept_the_worlds_placements_and_reject_swaps():
 def test_prompt_set_is_fixed_and_speaks_the_worlds_words():
     from transformers import CLIPTokenizer
 
-    from perfusion_hub.toy_build import TOY_DIR
+    from toyworld.build import TOY_DIR
 
     a, b = evaluator.prompt_set(60), evaluator.prompt_set(60)
     assert a == b

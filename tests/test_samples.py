@@ -1,4 +1,4 @@
-"""cli.samples --from: the sample registry built from picked concept files (bench/sample_pick.py) publishes
+"""toyworld.samples --from: the sample registry built from picked concept files (toyworld/experiments/sample_pick.py) publishes
 exactly those files, with a preview each, into a registry that installs; and the README's first command, as
 written, installs the shipped samples and renders Mittens on the Eames chair."""
 
@@ -14,13 +14,13 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli.main import cli
-from cli.samples import SAMPLES, build
-from perfusion_hub import evaluator
 from perfusion_hub.concept import save_concept
 from registry.home import Home
 from registry.install import install
 from registry.names import parse_ref
 from tests.enginekit import needs_toy, synthetic_concept
+from toyworld import evaluator
+from toyworld.samples import SAMPLES, build
 
 
 @needs_toy

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from perfusion_hub import arch, toy_build
+from perfusion_hub import arch
+from toyworld import build as toy_build
 
 TOY = toy_build.TOY_DIR
 SD15 = toy_build.SD15_DIR
@@ -72,7 +73,7 @@ def test_attn2_helper_matches_toy_unet(pipe):
 
     real = {n: m.to_k.out_features for n, m in pipe.unet.named_modules()
             if isinstance(m, Attention) and m.is_cross_attention}
-    derived = toy_build.attn2_widths_from_config(dict(pipe.unet.config))
+    derived = arch.attn2_widths_from_config(dict(pipe.unet.config))
     assert list(derived.items()) == list(real.items())  # same paths, same order, same widths
     assert len(derived) == 7
     assert all(n.endswith(".attn2") for n in derived)
@@ -163,7 +164,7 @@ def test_vae_round_trip(pipe):
 
 
 def test_trained_weights_recorded_and_not_the_seeded_init(pipe):
-    """UNet and text encoder are trained (perfusion_hub.toy_train) from the build script's seeded inits: the
+    """UNet and text encoder are trained (toyworld.base_train) from the build script's seeded inits: the
     seeds and the training settings are recorded in build_info.json, and the shipped weights are no longer
     the init."""
     info = json.loads((TOY / "build_info.json").read_text())
@@ -182,7 +183,7 @@ def test_trained_weights_recorded_and_not_the_seeded_init(pipe):
 @torch.no_grad()
 def test_trained_unet_denoises(pipe):
     """The shipped UNet predicts the noise of world images far better than zero (a real denoiser)."""
-    from perfusion_hub import world
+    from toyworld import world
 
     imgs, caps = world.batch(range(5_000_000, 5_000_008))
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -199,8 +200,8 @@ def test_trained_unet_denoises(pipe):
                     reason="evaluator weights not trained yet")
 def test_base_draws_what_the_prompt_says(pipe):
     """Issue 6: renders of the evaluator's fixed prompt set show the asked background, classes and colours
-    (24 prompts, one seed, 25 steps; bench/quality.py and build_info.json hold the 400-render figures)."""
-    from perfusion_hub import evaluator
+    (24 prompts, one seed, 25 steps; toyworld/quality.py and build_info.json hold the 400-render figures)."""
+    from toyworld import evaluator
 
     pipe.set_progress_bar_config(disable=True)
     r = evaluator.score_pipeline(pipe, evaluator.load(), evaluator.prompt_set(24), seeds=(0,), batch=24)
@@ -216,7 +217,7 @@ def test_unet_reads_an_object_from_its_noun(pipe):
     a concept takes), as Stable Diffusion does from CLIP, not from the words after it. "a red cat on a gray
     background" encoded, with the noun's row from "a green cat ..." draws a green cat; with every row after
     the noun from it, a red one (the base before world.conflict training drew red, then green)."""
-    from perfusion_hub import evaluator, world
+    from toyworld import evaluator, world
 
     net = evaluator.load()
     tok, te = pipe.tokenizer, pipe.text_encoder

@@ -1,4 +1,4 @@
-"""The toy base's refined VAE decoder (perfusion_hub.toy_decoder): the refinement trains the decoder alone, so
+"""The toy base's refined VAE decoder (toyworld.decoder): the refinement trains the decoder alone, so
 the denoiser's latents stay valid, and the shipped decoder keeps the reserved instances' fine parts.
 
 ~20 s on 2 CPU threads.
@@ -10,8 +10,9 @@ import json
 
 import torch
 
-from perfusion_hub import evaluator, toy_decoder, world
-from perfusion_hub.toy_build import TOY_DIR
+from toyworld import decoder as toy_decoder
+from toyworld import evaluator, world
+from toyworld.build import TOY_DIR
 
 
 def _vae():

@@ -186,7 +186,7 @@ def _base_state(base):
 
 
 def test_ablation_methods_train_what_they_say_and_give_the_base_back(clean_base, toy_cov, tmp_path):
-    """bench/quality.py's ablations: each trains only its own parameters; none leaves the base changed."""
+    """toyworld/quality.py's ablations: each trains only its own parameters; none leaves the base changed."""
     from safetensors.torch import load_file
 
     from perfusion_hub.loaders import runtime_of

@@ -7,8 +7,9 @@ import unicodedata
 
 import pytest
 
-from perfusion_hub import corpus, tokenizer_build, words
 from perfusion_hub.errors import BadInput
+from toyworld import corpus, words
+from toyworld import tokenizer as tokenizer_build
 
 TOK_DIR = tokenizer_build.TOKENIZER_DIR
 # Digest of the shipped corpus (data/captions.txt). Changing templates, word lists or the seed changes it,

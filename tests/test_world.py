@@ -1,4 +1,4 @@
-"""The procedural world of the toy base (perfusion_hub.world): determinism, reserved instances, captions."""
+"""The procedural world of the toy base (toyworld.world): determinism, reserved instances, captions."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from perfusion_hub import world
-from perfusion_hub.toy_build import TOY_DIR
+from toyworld import world
+from toyworld.build import TOY_DIR
 
 
 @pytest.fixture(scope="module")

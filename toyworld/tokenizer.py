@@ -11,7 +11,7 @@ Design
   (bos) and ``<|endoftext|>`` (eos = pad = unk, as in SD). Because every byte and byte+``</w>`` is present,
   any text tokenizes without unknowns (byte-level fallback).
 * Merges are trained by a small BPE trainer of our own over the *word set*: every word of
-  `perfusion_hub.words.all_words()` plus every pre-token of the packaged caption corpus (split with CLIP's
+  `toyworld.words.all_words()` plus every pre-token of the packaged caption corpus (split with CLIP's
   pre-tokenizer regex). Each word counts once. At each step the most frequent adjacent pair among the words
   not yet reduced to one symbol is merged (ties: lexicographically smallest pair), until every word is a
   single symbol. A word's initial symbols are its byte characters, the last one carrying ``</w>``, exactly as
@@ -33,9 +33,10 @@ from pathlib import Path
 
 import regex
 
-from perfusion_hub import corpus, words
+from perfusion_hub.bases import EMBEDDED
+from toyworld import corpus, words
 
-TOKENIZER_DIR = Path(__file__).resolve().parent / "data" / "toy" / "tokenizer"
+TOKENIZER_DIR = EMBEDDED["toy"] / "tokenizer"
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 EOW = "</w>"

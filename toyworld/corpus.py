@@ -1,6 +1,6 @@
-"""The project's caption corpus, used to estimate the text-encoding covariance C (spec section 5).
+"""The toy world's caption corpus generator: writes the packaged corpus the covariance C is estimated over.
 
-Captions come from the project's own templates and word lists (`perfusion_hub.words`), drawn by a seeded
+Captions come from the project's own templates and word lists (`toyworld.words`), drawn by a seeded
 `random.Random`, so the same ``(n, seed)`` always yields the same list. They cover objects with sizes,
 patterns, colours and materials, scenes, art styles, spatial relations, activities, counts and lighting,
 e.g. "a watercolor of a small red fox next to a lamp in a forest at night".
@@ -8,28 +8,20 @@ e.g. "a watercolor of a small red fox next to a lamp in a forest at night".
 Every object noun of the word lists is used as a main subject at least once (subjects are drawn by cycling
 through shuffled copies of the noun list), so vocabulary coverage is complete for the default size.
 
-The packaged corpus is ``perfusion_hub/data/captions.txt`` (6,000 captions, one per line, UTF-8, "\\n"
-line ends). Regenerate it with ``python -m perfusion_hub.corpus`` (also run by
-``python -m perfusion_hub.toy_build``).
-
-Corpus identity: ``corpus_digest(captions)`` = "sha256:" + sha256 of ``"\\n".join(captions) + "\\n"`` in
-UTF-8. A user caption file is accepted by ``load_captions(path)``: UTF-8, one caption per line, surrounding
-whitespace stripped, blank lines skipped.
+``python -m toyworld.corpus`` (also run by ``python -m toyworld.build``) rewrites
+``perfusion_hub/data/captions.txt``; reading it and the corpus digest are the runtime's
+(`perfusion_hub.captions`).
 """
-
 from __future__ import annotations
 
-import hashlib
 import random
 from pathlib import Path
 
-from perfusion_hub import words as W
-from perfusion_hub.errors import BadInput
+from perfusion_hub.captions import CAPTIONS_PATH, canonical_text, corpus_digest, load_captions
+from toyworld import words as W
 
 DEFAULT_N = 6000
 DEFAULT_SEED = 20230501
-DATA_DIR = Path(__file__).resolve().parent / "data"
-CAPTIONS_PATH = DATA_DIR / "captions.txt"
 
 _VOWELS = ("a", "e", "i", "o", "u")
 _CLOTHING = W.NOUNS["clothing"]
@@ -159,44 +151,11 @@ def generate_captions(n: int = DEFAULT_N, seed: int = DEFAULT_SEED) -> list[str]
     return list(seen)
 
 
-def canonical_text(captions: list[str]) -> str:
-    return "\n".join(captions) + "\n"
-
-
-def corpus_digest(captions: list[str]) -> str:
-    """'sha256:<hex>' of the canonical corpus text ("\\n".join(captions) + "\\n", UTF-8)."""
-    return "sha256:" + hashlib.sha256(canonical_text(list(captions)).encode("utf-8")).hexdigest()
-
-
 def write_captions(path: str | Path | None = None, n: int = DEFAULT_N, seed: int = DEFAULT_SEED) -> Path:
     path = Path(path) if path is not None else CAPTIONS_PATH
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(canonical_text(generate_captions(n, seed)).encode("utf-8"))
     return path
-
-
-def load_captions(path: str | Path | None = None) -> list[str]:
-    """The packaged corpus (path=None) or a user caption file (UTF-8, one caption per line).
-
-    Surrounding whitespace is stripped and blank lines are skipped. Raises `BadInput` naming the file
-    when it cannot be read, is not UTF-8, or holds no caption.
-    """
-    p = Path(path) if path is not None else CAPTIONS_PATH
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        if path is None:
-            raise BadInput(f"packaged caption corpus missing at {p}; run `python -m perfusion_hub.corpus`") from e
-        raise BadInput(f"cannot read caption file {p}: {e.strerror or e}") from e
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise BadInput(f"caption file {p} is not UTF-8 text (byte {e.start}: {e.reason})") from e
-    captions = [line.strip() for line in text.splitlines()]
-    captions = [c for c in captions if c]
-    if not captions:
-        raise BadInput(f"caption file {p} contains no captions (expected one caption per line)")
-    return captions
 
 
 if __name__ == "__main__":

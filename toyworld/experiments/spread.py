@@ -1,19 +1,18 @@
 #!/usr/bin/env python
 """How far apart Perfusion training runs land on the embedded `toy` base: the same recipe, photos and prompts as
-bench/quality.py, one perfusion concept per instance and training seed (the seed draws the noise, timesteps,
+toyworld/quality.py, one perfusion concept per instance and training seed (the seed draws the noise, timesteps,
 templates and flips), judged on the instance's 12 new-context prompts and, with both concepts of a seed loaded,
-on the composition prompts and the README's first render (seeds 0-11). One run of bench/quality.py is one
+on the composition prompts and the README's first render (seeds 0-11). One run of toyworld/quality.py is one
 draw from this spread.
 
-  python bench/spread.py --seeds 0,1,2                                  # bench/results/spread-toy-<date>.json
-  python bench/spread.py --base toy,DIR --device cuda --seeds 0,1,2     # several candidate bases, on a GPU
+  python -m toyworld.experiments.spread --seeds 0,1,2                                  # bench/results/spread-toy-<date>.json
+  python -m toyworld.experiments.spread --base toy,DIR --device cuda --seeds 0,1,2     # several candidate bases, on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from datetime import date
 from pathlib import Path
@@ -21,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.quality import (
+from perfusion_hub.bases import load_base
+from perfusion_hub.train import TrainConfig, train_concept
+from toyworld import RESULTS, evaluator
+from toyworld.quality import (
     COMPOSITION,
     FIRST_RUN,
     FIRST_RUN_SEEDS,
@@ -39,10 +38,7 @@ from bench.quality import (
     prompt_specs,
     render_specs,
 )
-from cli.samples import PHOTO_SIZES, PHOTOS, write_photos
-from perfusion_hub import evaluator
-from perfusion_hub.bases import load_base
-from perfusion_hub.train import TrainConfig, train_concept
+from toyworld.samples import PHOTO_SIZES, PHOTOS, write_photos
 
 KEYS = ("identity", "alignment", "relation", "identity_and_alignment", "success")
 
@@ -87,7 +83,7 @@ def measure(value: str, seeds: list[int], args, net, tmp: Path, out: dict, dump)
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--base", default="toy", help="comma-separated: the embedded toy base and/or candidate folders")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=400)
@@ -95,7 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--photo-sizes", action="append", default=[], metavar="NAME=SIZE,...",
                     help="one instance's photo object sizes, cycled (e.g. cat-mittens=small,medium,large; default: "
-                         "cli.samples.PHOTO_SIZES; an empty list, cat-mittens=, is the world's own draw)")
+                         "toyworld.samples.PHOTO_SIZES; an empty list, cat-mittens=, is the world's own draw)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)

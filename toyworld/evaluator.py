@@ -1,6 +1,6 @@
 """The toy world's evaluator: a small CNN that reads a 64x64 image back into scene attributes.
 
-It judges renders of the embedded `toy` base (`bench/quality.py`, `perfusion_hub.toy_train`): background colour
+It judges renders of the embedded `toy` base (`toyworld/quality.py`, `toyworld.base_train`): background colour
 and texture; per object class whether it is present and, where exactly one object of that class is drawn, its
 colour, pattern and box (centre x, centre y, side); and two identity heads that tell the reserved instances
 (`mittens`, `eames`) from every other cat or chair. Positions and relations are read from the boxes with the
@@ -8,9 +8,9 @@ world's own rules (`position_of`, `relation_holds`).
 
 Training data are generator scenes (`world.sample_scene`) where, a third of the time, one object is swapped for
 a reserved instance, plus Mittens-on-Eames scenes; light blur and pixel noise make it tolerant of the softer
-images a diffusion model draws. ``python -m perfusion_hub.evaluator --out DIR`` trains it (meant for one GPU,
+images a diffusion model draws. ``python -m toyworld.evaluator --out DIR`` trains it (meant for one GPU,
 about a minute) and writes DIR/model.safetensors (fp16) and DIR/info.json with its accuracy on fresh images.
-The shipped copy lives in ``perfusion_hub/data/evaluator``.
+The shipped copy lives in ``toyworld/data/evaluator``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from perfusion_hub import world
+from toyworld import world
 
 EVAL_DIR = Path(__file__).resolve().parent / "data" / "evaluator"
 NC, NK = len(world.COLOR_NAMES), len(world.CLASSES)
@@ -198,7 +198,7 @@ def load(folder: Path = EVAL_DIR, device: str = "cpu") -> Evaluator:
 
     path = Path(folder) / "model.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"no evaluator weights at {path} (train them: python -m perfusion_hub.evaluator)")
+        raise FileNotFoundError(f"no evaluator weights at {path} (train them: python -m toyworld.evaluator)")
     net = Evaluator()
     net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
     return net.to(device).eval()

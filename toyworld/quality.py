@@ -2,7 +2,7 @@
 """Perfusion measured on the embedded `toy` base (issue 6): identity vs text alignment, ablations, composition.
 
 For each reserved instance of the procedural world (Mittens: superclass cat; the Eames chair: superclass
-chair), a concept is trained from 8 generator images of it (varied places, sizes, backgrounds: cli.samples), with the
+chair), a concept is trained from 8 generator images of it (varied places, sizes, backgrounds: toyworld.samples), with the
 default recipe (400 steps, batch 16) by four methods at the same budget (perfusion_hub.train METHODS):
 
   perfusion       key-locked rank-one edit (what pfx ships)
@@ -20,10 +20,10 @@ row (no concept) gives the identity head's false-positive level. Composition: "<
 README's first render ("a photo of cat-mittens on chair-eames", pfx render's defaults) at seeds 0-11.
 Also recorded: every method's file size and CPU training time (this machine, --threads threads).
 
-  python bench/quality.py                   # writes bench/results/quality-toy-<date>.json and .png
-  python bench/quality.py --stage base      # the base alone: quality-toy-base-<date>.json
-  python bench/quality.py --quick           # a smoke run (few steps, one image per prompt)
-  python bench/quality.py --base DIR --device cuda --methods perfusion   # a candidate base folder, on a GPU
+  python -m toyworld.quality                   # writes bench/results/quality-toy-<date>.json and .png
+  python -m toyworld.quality --stage base      # the base alone: quality-toy-base-<date>.json
+  python -m toyworld.quality --quick           # a smoke run (few steps, one image per prompt)
+  python -m toyworld.quality --base DIR --device cuda --methods perfusion   # a candidate base folder, on a GPU
 """
 
 from __future__ import annotations
@@ -41,17 +41,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from cli.samples import PHOTO_SIZES, PHOTOS, write_photos
-from perfusion_hub import evaluator
 from perfusion_hub.bases import load_base
-from perfusion_hub.corpus import corpus_digest, load_captions
+from perfusion_hub.captions import corpus_digest, load_captions
 from perfusion_hub.covariance import estimate, packaged_covariance
 from perfusion_hub.loaders import add_tokens, load_concepts, runtime_of, unload_concepts
 from perfusion_hub.render import render
 from perfusion_hub.train import METHODS, TrainConfig, swap_kv_weights, train_concept
+from toyworld import RESULTS, evaluator
+from toyworld.samples import PHOTO_SIZES, PHOTOS, write_photos
 
 INSTANCES = {"cat-mittens": ("cat", "mittens"),
              "chair-eames": ("chair", "eames")}
@@ -264,7 +261,7 @@ def base_quality(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--images", type=int, default=4, help="images per prompt (one batch from seed 0)")
     ap.add_argument("--photos", type=int, default=PHOTOS)

@@ -1,9 +1,9 @@
 """Build the embedded `toy` base (``perfusion_hub/data/toy/``) and the SD1.5 config folder.
 
-``python -m perfusion_hub.toy_build`` regenerates, in order:
+``python -m toyworld.build`` regenerates, in order:
 
-1. the caption corpus ``data/captions.txt`` (`perfusion_hub.corpus`, < 1 s);
-2. the tokenizer ``data/toy/tokenizer/`` (`perfusion_hub.tokenizer_build`, ~1 s);
+1. the caption corpus ``data/captions.txt`` (`toyworld.corpus`, < 1 s);
+2. the tokenizer ``data/toy/tokenizer/`` (`toyworld.tokenizer`, ~1 s);
 3. the toy Stable Diffusion pipeline folder ``data/toy/`` (model_index.json, unet/, vae/, text_encoder/,
    scheduler/, tokenizer/; weights stored fp16 as ``diffusion_pytorch_model.safetensors`` /
    ``model.safetensors``; no safety checker or feature extractor);
@@ -11,11 +11,11 @@
    base's Perfusion settings: gates open only on a prompt's own tokens) and ``data/sd15/`` configs.
 
 Steps 3-4 write the UNet and text encoder at their SEEDED INIT: the shipped ones were then trained as a
-denoiser on the procedural world by ``perfusion_hub.toy_train`` (on a GPU; see build_info.json's
+denoiser on the procedural world by ``toyworld.base_train`` (on a GPU; see build_info.json's
 ``denoiser`` section), and the shipped VAE's decoder was then refined on the world's scenes by
-``perfusion_hub.toy_decoder`` (its encoder, and so every latent, unchanged; build_info.json's ``decoder``
-section). So after a rebuild run toy_train and toy_decoder again, then regenerate the packaged covariance
-and the sample registry (``python -m cli.samples``).
+``toyworld.decoder`` (its encoder, and so every latent, unchanged; build_info.json's ``decoder``
+section). So after a rebuild run base_train and decoder again, then regenerate the packaged covariance
+(``python -m toyworld.build --covariance-only``) and the sample registry (``python -m toyworld.samples``).
 
 Total: about 5 minutes on 2 otherwise idle CPU threads (VAE: ~0.13 s per 32px step, ~0.25 s per 64px step),
 11 minutes measured on the shared, busy 2-core dev machine; almost all of it is VAE training
@@ -57,7 +57,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+from perfusion_hub.bases import DATA as DATA_DIR
+
 TOY_DIR = DATA_DIR / "toy"
 SD15_DIR = DATA_DIR / "sd15"
 
@@ -373,12 +374,12 @@ def build_toy(out: Path = TOY_DIR, skip_vae: bool = False, log=print) -> dict:
     """Write the whole toy pipeline folder. Returns the build info."""
     from transformers import CLIPTokenizer
 
-    from perfusion_hub import corpus, tokenizer_build
+    from toyworld import corpus, tokenizer
 
     out = Path(out)
     t0 = time.perf_counter()
     corpus.write_captions()
-    tok_dir = tokenizer_build.build(out / "tokenizer")
+    tok_dir = tokenizer.build(out / "tokenizer")
     tok = CLIPTokenizer.from_pretrained(str(tok_dir))
     log(f"captions + tokenizer (vocab {len(tok)}) in {time.perf_counter() - t0:.1f}s")
 
@@ -407,7 +408,7 @@ def build_toy(out: Path = TOY_DIR, skip_vae: bool = False, log=print) -> dict:
     _dump_json(out / "model_index.json", _model_index())
     _dump_json(out / "pfx.json", PFX_SETTINGS)
     info = {
-        "note": "written by python -m perfusion_hub.toy_build; do not edit",
+        "note": "written by python -m toyworld.build; do not edit",
         "tokenizer_vocab_size": len(tok),
         "text_encoder": {**TEXT_CONFIG, "seed": TEXT_SEED},
         "unet": {"seed": UNET_SEED, "attn2_modules": 7},
@@ -521,7 +522,7 @@ SD15_README = """SD1.5 architecture configs (stable-diffusion-v1-5 values), ship
 * Load a single-file checkpoint offline: StableDiffusionPipeline.from_single_file(ckpt, config=<this dir>,
   tokenizer=<a CLIPTokenizer from elsewhere>, local_files_only=True, safety_checker=None).
   tokenizer/ holds tokenizer_config.json only (no vocab.json / merges.txt).
-Written by python -m perfusion_hub.toy_build (write_sd15_configs).
+Written by python -m toyworld.build (write_sd15_configs).
 """
 
 
@@ -537,18 +538,30 @@ def write_sd15_configs(out: Path = SD15_DIR) -> Path:
     return out
 
 
-def attn2_widths_from_config(unet_config: dict) -> dict[str, int]:
-    """Re-exported from `perfusion_hub.arch`."""
-    from perfusion_hub.arch import attn2_widths_from_config as f
+def write_covariance(folder: Path = TOY_DIR) -> Path:
+    """Estimate C for the base in `folder` over the packaged corpus and write it beside the base, where
+    `perfusion_hub.covariance.packaged_covariance` finds it (run after the weights change)."""
+    from perfusion_hub.bases import load_base
+    from perfusion_hub.captions import corpus_digest, load_captions
+    from perfusion_hub.covariance import PACKAGED_NAME, estimate
 
-    return f(unet_config)
+    base = load_base(str(folder), device="cpu", dtype="fp32")
+    lines = load_captions()
+    cov = estimate(base.pipe.tokenizer, base.pipe.text_encoder, lines, base_digest=base.digest,
+                   corpus_digest=corpus_digest(lines), batch_size=256)
+    return cov.save(Path(folder) / PACKAGED_NAME)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=TOY_DIR)
     ap.add_argument("--skip-vae", action="store_true", help="keep the existing VAE weights")
+    ap.add_argument("--covariance-only", action="store_true",
+                    help="only re-estimate the packaged covariance of the base in --out (after training it)")
     args = ap.parse_args(argv)
+    if args.covariance_only:
+        print(f"wrote {write_covariance(args.out)}", flush=True)
+        return
     build_toy(args.out, skip_vae=args.skip_vae, log=lambda m: print(m, flush=True))
 
 

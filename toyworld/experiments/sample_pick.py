@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Choose the sample registry's two concepts from several training draws of the same recipe (issue 6).
 
-One training run is one draw (bench/spread.py): over 8 draws the README's first render held both identities
+One training run is one draw (toyworld/experiments/spread.py): over 8 draws the README's first render held both identities
 and the relation in 0-67% of seeds. The samples are the showcase, so they are picked: every training seed
-trains both concepts (the cli.samples recipe: 8 photos, 400 steps, perfusion), and every Mittens draw is
+trains both concepts (the toyworld.samples recipe: 8 photos, 400 steps, perfusion), and every Mittens draw is
 paired with every Eames draw. A pair's success = both identities, background and classes, and the relation
 "on". Three stages, each on images the others never saw:
 
-  1 screen   every pair: the composition prompts of bench/quality.py x4 (render seed 0) and the README prompt
+  1 screen   every pair: the composition prompts of toyworld/quality.py x4 (render seed 0) and the README prompt
              "a photo of cat-mittens on chair-eames" as one batch of 24 (render seed 1000): 48 images
   2 confirm  the best --top pairs of the screen and --random others: the same set at render seeds 2 and 3
              (SELECT, 144 images with the screen's), then the HELD-OUT sets: the README's first render at pfx
@@ -18,16 +18,16 @@ The pick is the best pair by stage 3's success (then SELECT's, then both identit
 identity alone). The held-out sets are never used to pick; every finalist's figures are kept, so how well
 each stage predicts them is on record (pick.json's "correlation").
 
-  python bench/sample_pick.py train --seed 3 --dir D      # D/<name>-3.safetensors + .json (a file
+  python -m toyworld.experiments.sample_pick train --seed 3 --dir D      # D/<name>-3.safetensors + .json (a file
                                                           # already in D is judged, not retrained)
-  python bench/sample_pick.py screen --mittens 3 --dir D  # D/screen-3.json (against every Eames draw in D)
-  python bench/sample_pick.py confirm --dir D             # D/pairs-0.json (--shard i --shards n: a part)
-  python bench/sample_pick.py readme --dir D              # D/readme-0.json (sharded the same way)
-  python bench/sample_pick.py pick --dir D                # D/pick.json: the choice and every finalist's figures
-  python bench/sample_pick.py sheet --dir D --pairs 12:7  # D/first-run.png: seeds 0-11, the words, each pair
-  python -m cli.samples --from D/pick.json                # publish the picked files as the sample registry
+  python -m toyworld.experiments.sample_pick screen --mittens 3 --dir D  # D/screen-3.json (against every Eames draw in D)
+  python -m toyworld.experiments.sample_pick confirm --dir D             # D/pairs-0.json (--shard i --shards n: a part)
+  python -m toyworld.experiments.sample_pick readme --dir D              # D/readme-0.json (sharded the same way)
+  python -m toyworld.experiments.sample_pick pick --dir D                # D/pick.json: the choice and every finalist's figures
+  python -m toyworld.experiments.sample_pick sheet --dir D --pairs 12:7  # D/first-run.png: seeds 0-11, the words, each pair
+  python -m toyworld.samples --from D/pick.json                # publish the picked files as the sample registry
 
-bench/gpu_pick.sh runs stages 1-3 and the pick on the lent GPU, one process per draw or shard (16 draws:
+toyworld/experiments/gpu_pick.sh runs stages 1-3 and the pick on the lent GPU, one process per draw or shard (16 draws:
 about 7 minutes on an H200). On CPU a training seed takes about 13 min and a screened pair 1 min (2 threads).
 """
 
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,10 +42,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.quality import (
+from perfusion_hub.bases import load_base
+from perfusion_hub.concept import load_concept
+from perfusion_hub.covariance import packaged_covariance
+from perfusion_hub.loaders import load_concepts, unload_concepts
+from perfusion_hub.render import render
+from perfusion_hub.train import TrainConfig, train_concept
+from toyworld import evaluator
+from toyworld.quality import (
     COMPOSITION,
     FIRST_RUN,
     FIRST_RUN_SEEDS,
@@ -60,14 +63,7 @@ from bench.quality import (
     prompt_specs,
     render_specs,
 )
-from cli.samples import SAMPLES, write_photos
-from perfusion_hub import evaluator
-from perfusion_hub.bases import load_base
-from perfusion_hub.concept import load_concept
-from perfusion_hub.covariance import packaged_covariance
-from perfusion_hub.loaders import load_concepts, unload_concepts
-from perfusion_hub.render import render
-from perfusion_hub.train import TrainConfig, train_concept
+from toyworld.samples import SAMPLES, write_photos
 
 MITTENS, EAMES = INSTANCES
 SELECT_BATCH, SELECT_SEED, README_SEED = 24, 1000, 2000
@@ -234,7 +230,7 @@ def cmd_pick(args) -> None:
         for held in kinds[-2:]:
             a, b = ([r[k]["success"] for r in pairs] for k in (est, held))
             corr[f"{est}~{held}"] = round(float(np.corrcoef(a, b)[0, 1]), 2) if min(np.std(a), np.std(b)) else None
-    out = {"machines": sorted(machines), "recipe": {"steps": sorted(steps), "photos": "cli.samples",
+    out = {"machines": sorted(machines), "recipe": {"steps": sorted(steps), "photos": "toyworld.samples",
                                                     "method": "perfusion"},
            "screen": {"pairs": len(screened), "render_seed": 0, "images": screened[0]["select"]["n"],
                       "mean_success": round(float(np.mean([r["select"]["success"] for r in screened])), 4)},

@@ -4,7 +4,7 @@
 A concept takes the superclass noun's place in the prompt. The best its edit can do there is to make that one
 position encode the instance as the base's own words would: here, the noun's encoding in "... a blue scarf
 white socks orange cat ..." (Mittens described in words, parts before the noun; a causal text encoder puts
-what precedes a word into its encoding). For each of bench/quality.py's Mittens prompts (12 new contexts, 4
+what precedes a word into its encoding). For each of toyworld/quality.py's Mittens prompts (12 new contexts, 4
 images each, seed 0, 25 DDIM steps, guidance 7.5) the superclass prompt ("a photo of a cat on a green
 background") is encoded, and at the noun's position:
 
@@ -14,9 +14,9 @@ background") is encoded, and at the noun's position:
   noun value only    the value comes from it, the key stays the superclass word's (what a key-locked edit,
                      Perfusion, could reach)
 
-The shipped evaluator judges identity and alignment as bench/quality.py does.
+The shipped evaluator judges identity and alignment as toyworld/quality.py does.
 
-  python bench/noun_oracle.py      # writes bench/results/noun-oracle-toy-<date>.json
+  python -m toyworld.experiments.noun_oracle      # writes bench/results/noun-oracle-toy-<date>.json
 """
 
 from __future__ import annotations
@@ -24,27 +24,23 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 from datetime import date
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.quality import GUIDANCE, STEPS, judge_all, superclass_specs
-from perfusion_hub import evaluator
 from perfusion_hub.bases import load_base
 from perfusion_hub.processor import cross_attention_modules
+from toyworld import RESULTS, evaluator
+from toyworld.quality import GUIDANCE, STEPS, judge_all, superclass_specs
 
 DESCRIBED = "blue scarf white socks orange cat"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)

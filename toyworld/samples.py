@@ -1,4 +1,4 @@
-"""Build the sample registry shipped in registry/sample_registry: `python -m cli.samples`.
+"""Build the sample registry shipped in registry/sample_registry: `python -m toyworld.samples`.
 
 The project draws its own sample photos (no downloads): Mittens, an orange cat with white paws and a
 blue collar, and an Eames-style chair (teal shell, walnut legs), from the procedural world the embedded
@@ -6,8 +6,8 @@ base was trained on. Both concepts are trained on the embedded base with the def
 published into a file:// registry tree inside the package, which `pfx install` uses as its fallback
 remote (read-only to users).
 
-  python -m cli.samples                      # train both here (CPU, about 10 min) and publish them
-  python -m cli.samples --from D/pick.json   # publish the draws bench/sample_pick.py picked instead
+  python -m toyworld.samples                      # train both here (CPU, about 10 min) and publish them
+  python -m toyworld.samples --from D/pick.json   # publish the draws toyworld/experiments/sample_pick.py picked instead
 
 The shipped registry is such a pick: Mittens' training seed 12 and the chair's seed 7, the best of 256
 pairings of 16 draws on the README's prompt (bench/README.md, "The shipped samples").
@@ -35,13 +35,13 @@ PHOTO_SIZES = {"cat-mittens": ("small", "medium", "small", "large")}
 def write_photos(folder: Path, name: str, count: int = PHOTOS, sizes: tuple[str, ...] | None = None) -> Path:
     """The reserved instances of the project's procedural world (perfusion_hub/world.py), which the
     embedded base never saw in training, in varied places, sizes and backgrounds: the same photos as
-    bench/quality.py and bench/spread.py use (their concepts are other draws of the same recipe: float
+    toyworld/quality.py and toyworld/experiments/spread.py use (their concepts are other draws of the same recipe: float
     rounding differs between machines and thread counts). `sizes` (cycled; default PHOTO_SIZES, else the
     world's own draw) sets each photo's object size."""
     sizes = PHOTO_SIZES.get(name, ()) if sizes is None else sizes
     from PIL import Image
 
-    from perfusion_hub import world
+    from toyworld import world
 
     folder.mkdir(parents=True, exist_ok=True)
     draw = world.render_mittens if name == "cat-mittens" else world.render_eames
@@ -51,7 +51,7 @@ def write_photos(folder: Path, name: str, count: int = PHOTOS, sizes: tuple[str,
 
 
 def build(target: Path, *, steps: int = 400, pick: Path | None = None) -> None:
-    """Train both samples (or take the files `pick`, a bench/sample_pick.py choice, names) and publish them
+    """Train both samples (or take the files `pick`, a toyworld/experiments/sample_pick.py choice, names) and publish them
     into a fresh file:// registry at `target`."""
     from cli.cmd_engine import base_covariance, open_base
     from cli.main import Context
@@ -105,6 +105,6 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description="Build the sample registry shipped in registry/sample_registry.")
     ap.add_argument("steps", nargs="?", type=int, default=400, help="training steps per concept")
-    ap.add_argument("--from", dest="pick", type=Path, help="a bench/sample_pick.py pick.json: publish its files")
+    ap.add_argument("--from", dest="pick", type=Path, help="a toyworld/experiments/sample_pick.py pick.json: publish its files")
     a = ap.parse_args()
     build(sample_registry_path(), steps=a.steps, pick=a.pick)

@@ -1,14 +1,14 @@
 """Train the embedded `toy` base's UNet and text encoder into a small text-to-image denoiser.
 
-``python -m perfusion_hub.toy_train --out DIR`` (meant for one GPU; runs on CPU with small settings):
+``python -m toyworld.base_train --out DIR`` (meant for one GPU; runs on CPU with small settings):
 
-1. generates `--images` base-training examples of the procedural world (`perfusion_hub.world`; never a reserved
+1. generates `--images` base-training examples of the procedural world (`toyworld.world`; never a reserved
    instance; with `--parts P` a share P of them are cats with collar and paws, named before the noun, and with
    `--parts-pairs Q` a share Q of those cats are in a relation with a second object) on all
    CPU cores, `--captions` caption variants each, turned into token ids by a word table;
 2. encodes them once with the frozen shipped VAE (posterior mean x scaling_factor);
 3. trains UNet and text encoder jointly for `--seconds` of wall time, from the seeded inits of
-   `perfusion_hub.toy_build` or, with `--init DIR`, from an earlier chunk's output (its EMA weights, which
+   `toyworld.build` or, with `--init DIR`, from an earlier chunk's output (its EMA weights, which
    become both the model and the EMA; AdamW restarts with a short warm-up, and the learning-rate schedule
    continues over `--total-seconds` from where that chunk stopped; each chunk draws fresh world examples):
    epsilon prediction with the shipped DDIM/SD noise schedule (1000 steps, scaled_linear betas), uniform
@@ -20,7 +20,7 @@
    DIR/text_encoder (diffusers/transformers folders, as data/toy holds them), plus DIR/train_info.json
    (settings, loss curve, validation loss on fixed held-out examples, all chunks so far) and the log;
 5. with `--evaluator DIR`, renders the evaluator's fixed prompt set with the EMA weights and reports the
-   quality figures (`perfusion_hub.evaluator.score_pipeline`).
+   quality figures (`toyworld.evaluator.score_pipeline`).
 
 The time budget (not a step count) sets the length, so a run fits its lease (several chunks make a longer
 run); the number of steps reached is recorded in train_info.json.
@@ -42,9 +42,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from perfusion_hub import world
+from toyworld import world
+from toyworld.build import TOY_DIR
 
-TOY_DIR = Path(__file__).resolve().parent / "data" / "toy"
 DATA_SEED_BASE = 10_000_000  # example seeds of base training start here
 VAL_SEED_BASE = 90_000_000  # held-out examples for the validation loss
 T0 = time.perf_counter()
@@ -153,7 +153,7 @@ def main(argv=None) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from perfusion_hub import toy_build
+    from toyworld import build as toy_build
 
     prev = json.loads((args.init / "train_info.json").read_text("utf-8")) if args.init else None
     chunk = len(prev["chunks"]) if prev else 0
@@ -242,7 +242,7 @@ def main(argv=None) -> None:
     info = prev or {"loss_curve": [], "val_curve": [], "chunks": []}
     info.update({
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "init": "seeded inits of perfusion_hub.toy_build (text seed 1, unet seed 2), then each chunk continues "
+        "init": "seeded inits of toyworld.build (text seed 1, unet seed 2), then each chunk continues "
                 "from the previous chunk's EMA weights",
         "objective": "epsilon prediction, uniform t in [0, 1000), DDIM/SD scaled_linear betas, "
                      f"min-SNR-{args.min_snr} weights, caption dropout {args.drop}"
@@ -346,7 +346,7 @@ def quality(evaluator_dir: Path, vae, unet, text, tok, sched, dev, n_prompts: in
     """The evaluator's prompt-set figures for these weights (2 seeds; guidance 7.5 and 4)."""
     from diffusers import StableDiffusionPipeline
 
-    from perfusion_hub import evaluator
+    from toyworld import evaluator
 
     t0 = time.perf_counter()
     net = evaluator.load(evaluator_dir, device=str(dev))

@@ -2,8 +2,8 @@
 
 They feed three things:
 
-* the caption corpus (`perfusion_hub.corpus`) used to estimate the text-encoding covariance C;
-* the embedded `toy` base's tokenizer (`perfusion_hub.tokenizer_build`), whose merges make every word
+* the caption corpus (`toyworld.corpus`) used to estimate the text-encoding covariance C;
+* the embedded `toy` base's tokenizer (`toyworld.tokenizer`), whose merges make every word
   below (and every word of the corpus) exactly one token, so any noun can serve as a superclass there;
 * tests and samples that need superclass words.
 

@@ -1,8 +1,8 @@
 """Refine the embedded `toy` base's VAE decoder on the procedural world, its encoder frozen.
 
-``python -m perfusion_hub.toy_decoder --out DIR`` (meant for one GPU; runs on CPU with small settings).
+``python -m toyworld.decoder --out DIR`` (meant for one GPU; runs on CPU with small settings).
 
-The shipped VAE was trained by `perfusion_hub.toy_build` on generic shapes only. On the world's scenes it
+The shipped VAE was trained by `toyworld.build` on generic shapes only. On the world's scenes it
 loses fine parts: Mittens' collar and paws. Through that VAE, the evaluator still saw Mittens in 44% of
 medium and 66% of large round trips, 5% of small ones, and 48% of Mittens-on-Eames scenes (build_info.json
 "decoder" probes, step 0).
@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from perfusion_hub import world
+from toyworld import world
+from toyworld.build import TOY_DIR
 
-TOY_DIR = Path(__file__).resolve().parent / "data" / "toy"
 DATA_SEED_BASE = 900_000_000  # the decoder's world examples (the denoiser's start at 10_000_000)
 VAL_SEED_BASE = 990_000_000
 
@@ -91,7 +91,7 @@ def probe_images(n: int = 64) -> dict[str, np.ndarray]:
 @torch.no_grad()
 def probe(vae, net, sets: dict[str, np.ndarray], val: torch.Tensor) -> dict:
     """Evaluator rates on round trips of `sets`, and PSNR (dB) of the round trip of `val` (uint8 scenes)."""
-    from perfusion_hub import evaluator
+    from toyworld import evaluator
 
     was_training = vae.training
     vae.eval()
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from diffusers import AutoencoderKL
 
-    from perfusion_hub import evaluator
+    from toyworld import evaluator
 
     t0 = time.perf_counter()
     dev = torch.device(args.device)
