@@ -122,9 +122,9 @@ def synthetic_registry(root: Path, n: int) -> None:
     """A file:// registry with n concepts, written directly (placeholder blob digests)."""
     import hashlib
 
+    from registry.documents import PackageDoc, make_claim
     from registry.manifest import canonical_json, sha256_digest
     from registry.remotes.base import claim_key, manifest_key, package_key
-    from registry.resolve import PackageDoc, make_claim
 
     def write(key: str, data: bytes) -> None:
         p = root / key

@@ -80,7 +80,7 @@ def search(ctx, query, remote, local_only, limit, as_json):
     """Search concepts by name, description, trigger, superclass and tags."""
     from registry.install import candidate_remotes
     from registry.remotes import OfflineRemote
-    from registry.resolve import search_remote
+    from registry.search import search_remote
 
     home = _home(ctx)
     rows: list[dict] = []

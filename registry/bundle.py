@@ -23,10 +23,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from registry.errors import IntegrityError, NotFound, UsageError, VersionExists
-from registry.home import Home
+from registry.home import Home, InstallRecord
 from registry.index import now_iso
-from registry.manifest import MAX_MANIFEST_BYTES, canonical_json, parse_manifest, strict_loads
+from registry.manifest import MAX_MANIFEST_BYTES, canonical_json, parse_manifest, strict_json
 from registry.names import is_digest, parse_ref, validate_name
+from registry.publish import publish_manifest
+from registry.remotes.file import FileRemote
+from registry.signing import MAX_SIG_BYTES, Trust
 from registry.versions import parse_version
 
 BUNDLE_SCHEMA = "pfx.bundle/1"
@@ -67,13 +70,7 @@ def _select_rows(home: Home, refs: list[str] | None) -> list[dict]:
 
 def _write_tree(home: Home, root: Path, rows: list[dict], progress: Callable[[int], None] | None) -> list[dict]:
     """Publish each version into the folder `root` as a file:// registry; merge bundle.json."""
-    try:
-        from registry.publish import publish_manifest
-        from registry.remotes.file import FileRemote
-
-        remote = FileRemote("bundle", root)
-    except ImportError:  # the remote side is absent: write the immutable objects directly
-        publish_manifest, remote = None, None
+    remote = FileRemote("bundle", root)
     index_path = root / BUNDLE_INDEX
     entries: dict[str, dict] = {}
     if index_path.exists():
@@ -81,12 +78,8 @@ def _write_tree(home: Home, root: Path, rows: list[dict], progress: Callable[[in
             entries[e["manifest"]] = e
     for r in rows:
         m = home.manifest(r["manifest"])
-        if publish_manifest is not None:  # with the stored publisher signatures, so import can check them
-            publish_manifest(remote, m, home.store.read_bytes, signatures=home.index.signatures(m.digest))
-        else:
-            for b in m.blobs():
-                _put_file(root / _hexkey("blobs", b["digest"]), home.store.read_bytes(b["digest"]))
-            _put_file(root / _hexkey("manifests", m.digest), m.data)
+        # with the stored publisher signatures, so import can check them
+        publish_manifest(remote, m, home.store.read_bytes, signatures=home.index.signatures(m.digest))
         entries[m.digest] = {"name": m.name, "version": m.version, "manifest": m.digest, "yanked": bool(r.get("yanked"))}
         if progress:
             progress(1)
@@ -96,14 +89,6 @@ def _write_tree(home: Home, root: Path, rows: list[dict], progress: Callable[[in
 
     atomic_write_bytes(index_path, canonical_json(doc))
     return doc["concepts"]
-
-
-def _put_file(path: Path, data: bytes) -> None:
-    if path.exists():
-        return
-    from perfusion_hub.concept import atomic_write_bytes
-
-    atomic_write_bytes(path, data)
 
 
 def export_bundle(home: Home, target: str | os.PathLike, refs: list[str] | None = None, *,
@@ -285,7 +270,7 @@ def _read_capped(src, key: str, cap: int) -> bytes:
 
 
 def _parse_index(data: bytes) -> list[dict]:
-    raw = strict_loads(data, BUNDLE_INDEX, allow_constants=True)
+    raw = strict_json(data, BUNDLE_INDEX, allow_constants=True)
     if not isinstance(raw, dict) or raw.get("schema") != BUNDLE_SCHEMA or not isinstance(raw.get("concepts"), list):
         raise IntegrityError(f"{BUNDLE_INDEX}: not a {BUNDLE_SCHEMA} document")
     out = []
@@ -339,9 +324,6 @@ def import_bundle(home: Home, source: str | os.PathLike, *,
                                     hint=f"`pfx remove {m.ref()}` first to replace it with the bundle's")
             manifests.append((m, e["yanked"]))
         # Signatures, under the same per-namespace policy as install (Untrusted before any blob is written).
-        from registry.home import InstallRecord
-        from registry.signing import MAX_SIG_BYTES, Trust
-
         def fetch_sig(key: str) -> bytes | None:
             return _read_capped(src, key, MAX_SIG_BYTES) if src.exists(key) else None
 

@@ -23,69 +23,40 @@ version is added. `rebuild=True` goes further and rebuilds every package documen
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from registry.errors import Conflict, IntegrityError, NotFound, PfxError
-from registry.manifest import canonical_json
-from registry.remotes.base import CasFailed, KeyMissing, Remote, claim_key
-from registry.resolve import (
+from registry.documents import (
+    MAX_SHARD_BYTES,
+    PKGS_SCHEMA,
+    TERMS_SCHEMA,
     PackageDoc,
-    fetch_manifest,
-    fetch_package_doc,
     parse_claim,
-    read_claim,
-    strict_json,
-    terms_of,
+    parse_shard,
+    pkg_shard_key,
+    term_shard_key,
 )
+from registry.errors import Conflict, IntegrityError, NotFound, PfxError
+from registry.manifest import canonical_json, strict_json
+from registry.publish import add_version, update_package
+from registry.remotes.base import CasFailed, KeyMissing, Remote, claim_key
+from registry.resolve import fetch_manifest, fetch_package_doc, read_claim
+from registry.search import terms_of
 
-SHARD_HEX = 3  # 4096 shards per kind; ~60 KB per term shard at 1,000,000 concepts
-MAX_SHARD_BYTES = 4 << 20
 MAX_EVENT_BYTES = 4 << 10
 MAX_STATE_BYTES = 4 << 10
 SKEW_MS = 5 * 60 * 1000
 JOURNAL_KEEP_MS = 24 * 3600 * 1000
 STATE_KEY = "search/state.json"
-TERMS_SCHEMA, PKGS_SCHEMA, STATE_SCHEMA = "pfx.terms/1", "pfx.pkgs/1", "pfx.compact/1"
-
-
-def _h(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:SHARD_HEX]
-
-
-def term_shard_key(term: str) -> str:
-    return f"search/terms/{_h(term)}.json"
-
-
-def pkg_shard_key(name: str) -> str:
-    return f"search/pkgs/{_h(name)}.json"
+STATE_SCHEMA = "pfx.compact/1"
 
 
 def _read_shard(remote: Remote, key: str, schema: str, field: str) -> tuple[dict, str | None]:
     doc = remote.get_doc(key, max_bytes=MAX_SHARD_BYTES)
-    if doc is None:
-        return {}, None
-    raw = strict_json(doc.data, f"search shard {key}", MAX_SHARD_BYTES)
-    shard = key.rsplit("/", 1)[1].removesuffix(".json")
-    if not isinstance(raw, dict) or raw.get("schema") != schema or raw.get("shard") != shard:
-        raise IntegrityError(f"search shard {key}: wrong schema or shard id")
-    body = raw.get(field)
-    if not isinstance(body, dict) or not all(isinstance(v, list) and all(isinstance(x, str) for x in v)
-                                             for v in body.values()):
-        raise IntegrityError(f"search shard {key}: {field} must map strings to lists of strings")
-    bad = [k for k in body if _h(k) != shard]
-    if bad:
-        raise IntegrityError(f"search shard {key}: {bad[0]!r} does not belong in this shard")
-    return body, doc.etag
-
-
-def read_term_shard(remote: Remote, key: str) -> dict[str, list[str]]:
-    """Postings of one term shard ({} if none yet). Used by search: one GET per query term."""
-    return _read_shard(remote, key, TERMS_SCHEMA, "terms")[0]
+    return ({}, None) if doc is None else (parse_shard(doc.data, key, schema, field), doc.etag)
 
 
 def _cas_shard(remote: Remote, key: str, schema: str, field: str, edit: Callable[[dict], bool]) -> None:
@@ -132,7 +103,6 @@ def _read_event(remote: Remote, key: str) -> dict | None:
 
 def _ensure_versions(remote: Remote, name: str, found: dict[str, str]) -> int:
     """Add versions {version: manifest} that have a claim naming that manifest but are not listed."""
-    from registry.publish import add_version, update_package
 
     pkg, _ = fetch_package_doc(remote, name)
     missing = {v: d for v, d in found.items() if pkg is None or v not in pkg.versions}

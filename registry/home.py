@@ -25,7 +25,7 @@ from typing import Any, Self
 
 from registry.errors import Conflict, IntegrityError, NotFound, UsageError, VersionExists
 from registry.index import Index, now_iso
-from registry.manifest import Manifest, build_manifest, parse_manifest
+from registry.manifest import Manifest, build_manifest, file_digest, parse_manifest
 from registry.names import Ref, is_digest, parse_ref, validate_name
 from registry.store import Store
 from registry.versions import next_minor, parse_version, select_version, sort_versions
@@ -433,8 +433,6 @@ class Home:
         Refuses (VersionExists) if name@version is installed with a different manifest.
         """
         from perfusion_hub.concept import read_header
-        from registry.manifest import file_digest
-
         header = read_header(path)
         validate_name(header.name)
         parse_version(header.version)

@@ -42,11 +42,13 @@ from registry.errors import (
     Untrusted,
     UsageError,
 )
+from registry.home import InstallRecord
+from registry.lockfile import read_lock
 from registry.manifest import Manifest
 from registry.names import Ref, parse_ref
 from registry.remotes import OfflineRemote, open_remote
 from registry.remotes.base import KeyMissing, Remote, blob_key
-from registry.resolve import Resolved, cache_get, cache_put, fetch_manifest, resolve_on
+from registry.resolve import Resolved, cache_get, cache_put, fetch_manifest, fetch_package, resolve_on
 from registry.signing import Trust, TrustResult
 
 DEFAULT_WORKERS = 8
@@ -79,8 +81,6 @@ def _entry(e: Any, key: str, default: Any = None) -> Any:
 
 
 def _lock_wants(path: str | Path) -> list[_Want]:
-    from registry.lockfile import read_lock
-
     wants = []
     for e in read_lock(path):
         name, version, digest = _entry(e, "name"), _entry(e, "version"), _entry(e, "manifest")
@@ -215,8 +215,6 @@ class _Downloader:
 
 def _record(home: Any, ws: list[_Want]) -> None:
     """Record complete versions in one index transaction (with the signatures that verified them)."""
-    from registry.home import InstallRecord
-
     recs = []
     for w in ws:
         t = w.trust
@@ -366,8 +364,6 @@ def install(
 
 def remote_info(home: Any, ref_text: str, remote_name: str | None = None) -> dict:
     """What a remote knows about a reference: the chosen version's manifest plus all versions and tags."""
-    from registry.resolve import fetch_package
-
     ref = parse_ref(ref_text)
     errors: list[BaseException] = []
     for remote in candidate_remotes(home, remote_name):

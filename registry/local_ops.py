@@ -23,6 +23,7 @@ from registry.errors import IntegrityError, NotFound
 from registry.home import PENDING_TTL_S, Home
 from registry.manifest import parse_manifest
 from registry.names import Ref, parse_ref
+from registry.signing import verify_installed
 
 GC_GRACE_S = 15 * 60.0
 TMP_MAX_AGE_S = 3600.0
@@ -98,8 +99,6 @@ def verify(home: Home, *, fix: bool = False, progress: Callable[[int], None] | N
             if fix and status in ("corrupt", "bad_manifest") and home.store.delete(digest):
                 fixed.append(digest)
     # Signatures (offline: the documents were stored at install): required under an enforcing policy.
-    from registry.signing import verify_installed
-
     trust = verify_installed(home)
     ok = not any(problems.values()) and not trust["untrusted"]
     return {"ok": ok, "checked": len(roles), "installed": len(by_manifest), "bytes": total, **problems,

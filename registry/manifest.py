@@ -200,11 +200,14 @@ def _reject_constant(c: str):
     raise ValueError(f"{c} is not allowed")
 
 
-def strict_loads(data: bytes, where: str, *, allow_constants: bool = False) -> Any:
+def strict_json(data: bytes, where: str, cap: int | None = None, *, allow_constants: bool = False) -> Any:
     """Parse UTF-8 JSON refusing duplicate keys (and NaN/Infinity unless `allow_constants`); any failure
-    is an IntegrityError naming `where`. Size caps are the caller's."""
+    is an IntegrityError naming `where`. With `cap`, bytes over it are refused before parsing (every
+    document read from a remote is capped: index documents and claims are the roots of trust)."""
+    if cap is not None and len(data) > cap:
+        raise IntegrityError(f"{where}: {len(data)} bytes, over the {cap}-byte limit; refused before parsing")
     try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_dup,
+        return json.loads(bytes(data).decode("utf-8"), object_pairs_hook=_no_dup,
                           parse_constant=None if allow_constants else _reject_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise IntegrityError(f"{where}: not valid JSON ({e})") from None
@@ -315,7 +318,7 @@ def parse_manifest(
     digest = sha256_digest(data)
     if expect_digest is not None and digest != expect_digest:
         raise IntegrityError(f"{where}: content has digest {digest}, expected {expect_digest}")
-    raw = strict_loads(data, where)
+    raw = strict_json(data, where)
     _check(raw, where)
     try:
         canonical = canonical_json(raw)

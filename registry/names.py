@@ -14,6 +14,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from registry.errors import InvalidName, UsageError
+from registry.versions import parse_range, parse_version
 
 MAX_PART = 64
 _PART = re.compile(r"[a-z0-9]+(?:[-_.][a-z0-9]+)*", re.ASCII)
@@ -122,8 +123,6 @@ class Ref:
 def parse_ref(text: str) -> Ref:
     """Parse `name`, `name@1.2.0`, `name@^1.2` / `@~1.2` / `@>=1.0,<2` (ranges), `name@latest` (a tag)
     or `name@sha256:<64 hex>` (a pin). Raises InvalidName / UsageError with the reason."""
-    from registry.versions import parse_range, parse_version  # versions imports names; keep the cycle lazy
-
     if not isinstance(text, str) or not text.strip():
         raise UsageError("empty reference", hint="references look like 'cat-mittens', 'cat-mittens@1.2.0' or 'cat-mittens@^1'")
     text = text.strip()

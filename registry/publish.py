@@ -28,6 +28,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from registry.documents import MAX_PACKAGE_BYTES, PackageDoc, make_claim, parse_package_doc, summary_of
 from registry.errors import (
     Conflict,
     IntegrityError,
@@ -50,15 +51,8 @@ from registry.remotes.base import (
     manifest_key,
     package_key,
 )
-from registry.resolve import (
-    MAX_PACKAGE_BYTES,
-    PackageDoc,
-    fetch_package,
-    make_claim,
-    parse_package_doc,
-    read_claim,
-    summary_of,
-)
+from registry.resolve import fetch_package, read_claim
+from registry.signing import choose_signer, sig_key
 from registry.versions import parse_version
 
 CAS_ATTEMPTS = 40
@@ -249,8 +243,6 @@ def publish_manifest(remote: Remote, m: Manifest, read_blob: Callable[[str], byt
     """Publish one version whose bytes `read_blob(digest)` returns (verified). Usable by anything
     that writes a registry (the CLI, bundle export, the sample-registry builder). `signatures` are
     (keyid, signature document) pairs written beside the manifest (registry/signing.py)."""
-    from registry.signing import sig_key
-
     remote.check_writable()
     # Identical bytes from every publisher, so even a store that ignores If-None-Match is harmless here.
     remote.put_if_absent(CONFIG_KEY, canonical_json(REGISTRY_CONFIG))
@@ -295,8 +287,6 @@ def publish(home: Any, ref_text: str, *, to: str | None = None, move_latest: boo
     """Publish an installed (or locally trained) `name[@version]` to a remote, signed with `key` or the
     default signing key if there is one (`sign=False` never signs; `sign=True` requires a key).
     Re-publishing a published version with a key adds that key's signature (a resumed publish)."""
-    from registry.signing import choose_signer
-
     ref = parse_ref(ref_text)
     if ref.kind not in ("default", "version", "digest"):
         raise UsageError(f"publish takes NAME or NAME@VERSION, not {ref_text!r}")

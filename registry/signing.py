@@ -39,8 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from registry.errors import Conflict, IntegrityError, NotFound, Untrusted, UsageError
-from registry.manifest import Manifest, canonical_json
+from registry.manifest import Manifest, canonical_json, strict_json
 from registry.names import is_digest, validate_name
+from registry.remotes.base import KeyMissing
 
 ALGORITHM = "ed25519"
 SIG_SCHEMA = "pfx.sig/1"
@@ -286,8 +287,6 @@ def check_signature(data: bytes, *, manifest_digest: str, keyid: str, public_key
     and verify. Anything else is an IntegrityError naming `where`."""
     from cryptography.exceptions import InvalidSignature
 
-    from registry.resolve import strict_json
-
     raw = strict_json(data, where, MAX_SIG_BYTES)
     if not isinstance(raw, dict) or set(raw) != {"schema", "algorithm", "keyid", "signed", "signature"}:
         raise IntegrityError(f"{where}: not a signature (fields schema, algorithm, keyid, signed, signature)")
@@ -363,8 +362,6 @@ class Trust:
     def check_remote(self, remote: Any, m: Manifest) -> TrustResult:
         """Fetch and check this manifest's signatures by the namespace's trusted keys, by key (no LIST).
         Raises Untrusted under enforce; returns a warning under warn."""
-        from registry.remotes.base import KeyMissing
-
         def fetch(key: str) -> bytes | None:
             try:
                 return remote.get(key, max_bytes=MAX_SIG_BYTES)

@@ -28,11 +28,10 @@ from registry.errors import IntegrityError, LocalWriteError, RemoteError
 from registry.home import Home
 from registry.install import _Downloader, install
 from registry.local_ops import gc
-from registry.manifest import canonical_json, parse_manifest, sha256_digest
+from registry.manifest import canonical_json, parse_manifest, sha256_digest, strict_json
 from registry.publish import publish
 from registry.remotes import open_remote
 from registry.remotes.base import manifest_key, package_key
-from registry.resolve import strict_json
 from tests.conceptgen import add_concept, concept_bytes
 from tests.faultproxy import clean_error, home_problems, pfx, pfx_env
 

@@ -15,6 +15,7 @@ import boto3
 import pytest
 
 from registry.bundle import export_bundle, import_bundle
+from registry.documents import MAX_CLAIM_BYTES, MAX_PACKAGE_BYTES
 from registry.errors import IntegrityError, InvalidName, UsageError
 from registry.home import Home
 from registry.install import install
@@ -22,7 +23,7 @@ from registry.manifest import MAX_MANIFEST_BYTES, canonical_json, sha256_digest
 from registry.names import parse_ref, validate_name
 from registry.remotes import open_remote
 from registry.remotes.base import claim_key, manifest_key, package_key
-from registry.resolve import MAX_CLAIM_BYTES, MAX_PACKAGE_BYTES, search_remote
+from registry.search import search_remote
 from tests.conceptgen import add_concept
 from tests.s3server import aws_env, new_bucket  # noqa: F401  (aws_env: autouse fixture)
 
@@ -239,7 +240,8 @@ def test_claim_fallback_refuses_hostile_claims(reg, how, says):
 
 
 def test_search_shard_with_foreign_terms_is_refused(reg):
-    from registry.compact import compact, term_shard_key
+    from registry.compact import compact
+    from registry.documents import term_shard_key
 
     compact(reg.remote)
     key = term_shard_key("cat")

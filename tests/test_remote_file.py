@@ -146,9 +146,9 @@ def test_yank_and_tags(tmp_path):
 
 def test_crash_after_claim_resumes_and_compaction_repairs(tmp_path):
     from registry.compact import compact
+    from registry.documents import make_claim
     from registry.publish import put_immutable, write_event
     from registry.remotes.base import blob_key, manifest_key
-    from registry.resolve import make_claim
 
     pub, cons = _homes(tmp_path)
     m = add_concept(pub, tmp_path, "bird", "0.1.0")
