@@ -40,8 +40,8 @@ IMPORTS = "import torch, diffusers, transformers; from diffusers import StableDi
 
 def installed_samples(home: str):
     """Install the sample concepts into a fresh `home`: (its Context, the installed rows and manifests), for
-    `cli.cmd_engine._concepts_for` to load as `pfx render` does (verified, checked against the base)."""
-    from cli.cmd_engine import installed_concepts
+    `cli.engine_store.concepts_for` to load as `pfx render` does (verified, checked against the base)."""
+    from cli.engine_store import installed_concepts
     from cli.main import Context
     from registry.install import install
 
@@ -58,7 +58,7 @@ def stats(ts: list[float]) -> dict:
 def in_process(args, ctx, pairs) -> dict:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from cli.cmd_engine import _concepts_for
+    from cli.engine_store import concepts_for
     from perfusion_hub.bases import load_base
     from perfusion_hub.render import render
     from toyworld.build import TOY_DIR
@@ -68,7 +68,7 @@ def in_process(args, ctx, pairs) -> dict:
                                                     local_files_only=True, dtype=torch.float32)
     plain.scheduler = DDIMScheduler.from_config(plain.scheduler.config)
     plain.set_progress_bar_config(disable=True)
-    concepts, cov = _concepts_for(ctx, base, pairs)
+    concepts, cov = concepts_for(ctx, base, pairs)
 
     def pfx(prompt):
         return lambda s: render(base, prompt, concepts=concepts, covariance=cov, seed=s, steps=STEPS, guidance=GUIDANCE)

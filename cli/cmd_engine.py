@@ -1,8 +1,7 @@
 """`pfx train`, `pfx render`, `pfx base ...`: the commands that load a model.
 
-torch/diffusers are imported inside the command bodies only. The glue between the engine and the
-store lives here: which base to use, the base digest cache, and the covariance companion (looked up in
-the store by (base digest, corpus digest), computed and stored once when missing).
+torch/diffusers are imported inside the command bodies only; what the commands share with benchmarks and
+build scripts (choosing and opening a base, its covariance, installed concepts) is cli.engine_store.
 """
 
 from __future__ import annotations
@@ -15,81 +14,9 @@ from types import SimpleNamespace
 
 import click
 
-from cli.output import emit, progress, table
-from registry.errors import NotFound, OfflineError, UsageError
-
-EMBEDDED_NOTICE = (
-    "note: using the embedded '{name}' base (a 64x64 model of a toy world: it shows the workflow, not real photos); "
-    "for real images pass --base stable-diffusion-v1-5/stable-diffusion-v1-5 or set PFX_BASE"
-)
-
-
-def base_value(ctx_obj, explicit: str | None) -> str:
-    """--base, then PFX_BASE, then config.toml's default_base, then the embedded base (with a notice).
-
-    A name registered with `pfx base add` stands for its location."""
-    value = explicit or os.environ.get("PFX_BASE") or ctx_obj.home.config.get("default_base")
-    aliases = ctx_obj.home.config.get("bases", {})
-    if value in aliases:
-        value = aliases[value]["location"]
-    if not value:
-        from perfusion_hub.bases import DEFAULT_BASE
-
-        click.echo(EMBEDDED_NOTICE.format(name=DEFAULT_BASE), err=True)
-        value = DEFAULT_BASE
-    return value
-
-
-def open_base(ctx_obj, value: str, *, device=None, dtype=None, tokenizer=None):
-    """Load the base; its digest comes from the home's cache when the files are unchanged."""
-    from perfusion_hub.bases import cache_key, load_base, resolve_spec
-
-    spec = resolve_spec(value)
-    key = cache_key(spec)
-    cached = ctx_obj.home.get_base_digest(key) if spec.kind != "hub" else None
-    base = load_base(value, device=device, dtype=dtype, tokenizer=tokenizer, offline=ctx_obj.offline, digest=cached)
-    if not cached:
-        ctx_obj.home.set_base_digest(key, base.name, base.digest)
-    base.compatible = {d for spec in ctx_obj.home.config.get("bases", {}).values()
-                       if spec.get("location") == base.spec.location for d in spec.get("compatible", [])}
-    return base
-
-
-def base_covariance(ctx_obj, base, captions: str | None = None, *, required_corpus: str | None = None):
-    """C for (base, corpus): from the store, else estimated once (progress bar) and stored."""
-    from perfusion_hub.captions import corpus_digest, load_captions
-    from perfusion_hub.covariance import Covariance, estimate, packaged_covariance
-
-    home = ctx_obj.home
-    lines = load_captions(captions)
-    corpus = corpus_digest(lines)
-    if required_corpus and required_corpus != corpus:
-        found = home.find_covariance(base.digest, required_corpus)
-        if not found:
-            raise NotFound(
-                f"no covariance for this base and the caption corpus {required_corpus[:19]} the concept was "
-                "trained with", hint="install the concept from its registry (it ships the covariance)")
-        return Covariance.from_bytes(home.store.read_bytes(found), found)
-    found = home.find_covariance(base.digest, corpus)
-    if found:
-        return Covariance.from_bytes(home.store.read_bytes(found), found)
-    cov = packaged_covariance(base) if captions is None else None
-    if cov is not None:
-        digest, _ = home.store.put_bytes(cov.to_bytes())
-        home.add_covariance(digest, base_digest=base.digest, corpus_digest=corpus)
-        return cov
-    with progress(len(lines), "covariance") as bar:
-        last = [0]
-
-        def step(done, total):
-            bar.update(done - last[0])
-            last[0] = done
-
-        cov = estimate(base.pipe.tokenizer, base.pipe.text_encoder, lines, base_digest=base.digest,
-                       corpus_digest=corpus, progress=step)
-    digest, _ = home.store.put_bytes(cov.to_bytes())
-    home.add_covariance(digest, base_digest=base.digest, corpus_digest=corpus)
-    return cov
+from cli.engine_store import base_covariance, base_value, concepts_for, installed_concepts, open_base
+from cli.output import emit, json_option, progress, table
+from registry.errors import NotFound, UsageError
 
 
 def _parse_assignments(values: tuple[str, ...], flag: str) -> dict[str, float]:
@@ -114,62 +41,6 @@ def _parse_sweep(text: str) -> list[float]:
     except ValueError:
         raise click.BadParameter("expected LO:HI:N with 2 <= N <= 32, e.g. 0.5:0.9:5", param_hint="--sweep-beta") from None
     return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
-
-
-def name_like_words(prompt: str, known: set[str]) -> list[str]:
-    """Words shaped like concept names (lowercase parts joined by - _ . or ns/) that are not known concepts:
-    probably a concept the user forgot to install."""
-    import re
-
-    words = re.findall(r"(?<![<\w])[a-z0-9]+(?:[-_][a-z0-9]+)+(?:/[a-z0-9]+(?:[-_][a-z0-9]+)*)?(?![\w>])", prompt)
-    return [w for w in dict.fromkeys(words) if w not in known]
-
-
-def installed_concepts(ctx_obj, names: list[str], *, install_missing: bool):
-    """Concept objects for installed names (installing missing ones first with --install)."""
-    from registry.names import parse_ref
-
-    home = ctx_obj.home
-    rows, missing = {}, []
-    for n in names:
-        row = home.find_installed(parse_ref(n))
-        if row is None:
-            missing.append(n)
-        else:
-            rows[n] = row
-    if missing and install_missing:
-        if ctx_obj.offline:
-            raise OfflineError(f"not installed: {', '.join(missing)}; pfx is offline, so nothing can be fetched")
-        from registry.install import install
-
-        install(home, missing)
-        for n in missing:
-            rows[n] = home.find_installed(parse_ref(n))
-    elif missing:
-        raise NotFound(f"not installed: {', '.join(missing)}",
-                       hint=f"run `pfx install {' '.join(missing)}` or add --install")
-    return [(rows[n], home.manifest(rows[n]["manifest"])) for n in names]
-
-
-def _concepts_for(ctx_obj, base, pairs):
-    """Load concept files from the store, check them against the base, and find the covariance."""
-    from perfusion_hub.concept import check_fits_base, load_concept
-    from perfusion_hub.covariance import Covariance
-
-    home = ctx_obj.home
-    concepts = []
-    for row, manifest in pairs:
-        c = load_concept(home.store.read_bytes(manifest.concept["digest"]))
-        check_fits_base(c, base_name=base.name, base_digest=base.digest, dim=base.dim, layers=base.layers(),
-                        compatible=base.compatible)
-        concepts.append(c)
-    if not concepts:
-        return [], None
-    covs = {m.covariance["digest"] for _, m in pairs if getattr(m, "covariance", None)}
-    if len(covs) == 1 and home.store.has(next(iter(covs))):
-        d = next(iter(covs))
-        return concepts, Covariance.from_bytes(home.store.read_bytes(d), d)
-    return concepts, base_covariance(ctx_obj, base, required_corpus=concepts[0].metadata["corpus_digest"])
 
 
 def register(cli: click.Group) -> None:
@@ -202,7 +73,7 @@ def register(cli: click.Group) -> None:
 @click.option("--previews", type=click.IntRange(0, 16), default=2, show_default=True)
 @click.option("--license", "license_", default="", help="SPDX id recorded in the concept.")
 @click.option("--description", default="")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_obj
 def train(obj, photos, name, superclass, version_, base, steps, batch_size, micro_batch, seed, no_flip,
           embedding_norm, devices, resume, fast, captions, device, dtype, tokenizer, previews, license_, description,
@@ -294,18 +165,19 @@ def _exact(name, version):
 @click.option("--device", help="cuda, cpu, mps (untested) or auto.")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto")
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False))
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_obj
 def render(obj, prompt, with_names, base, seed, steps, guidance, beta, tau, global_lock, sweep_beta, count, output,
            negative, install_missing, device, dtype, tokenizer, as_json):
     """Render PROMPT, composing the installed concepts it names (e.g. "cat-mittens on chair-eames")."""
-    from perfusion_hub.prompts import referenced_names
+    from perfusion_hub.prompts import scan_prompt
 
     betas, taus = _parse_assignments(beta, "--beta"), _parse_assignments(tau, "--tau")
     sweep = _parse_sweep(sweep_beta) if sweep_beta else None
     home = obj.home
     installed = {r["name"] for r in home.installed()}
-    for word in name_like_words(prompt, installed | set(with_names)):
+    scan = scan_prompt(prompt, installed | set(with_names))
+    for word in scan.unknown:
         if install_missing and not obj.offline:
             from registry.install import install
 
@@ -317,7 +189,7 @@ def render(obj, prompt, with_names, base, seed, steps, guidance, beta, tau, glob
                 pass
         click.echo(f"note: '{word}' is not an installed concept, so it stays plain text "
                    f"(`pfx install {word}` or --install if it is one)", err=True)
-    names = list(dict.fromkeys(referenced_names(prompt, sorted(installed | set(with_names))) + list(with_names)))
+    names = list(dict.fromkeys(scan.names + [w for w in scan.unknown if w in installed] + list(with_names)))
     pairs = installed_concepts(obj, names, install_missing=install_missing)
     value = base_value(obj, base)
     from perfusion_hub.bases import resolve_spec
@@ -325,7 +197,7 @@ def render(obj, prompt, with_names, base, seed, steps, guidance, beta, tau, glob
     from perfusion_hub.render import render as do_render
 
     b = open_base(obj, value, device=device, dtype=dtype, tokenizer=tokenizer)
-    concepts, cov = _concepts_for(obj, b, pairs)
+    concepts, cov = concepts_for(obj, b, pairs)
     steps = steps or (25 if resolve_spec(value).kind == "embedded" else 50)
     kw = {"concepts": concepts, "covariance": cov, "with_names": list(with_names), "seed": seed, "steps": steps,
           "guidance": guidance, "global_lock": global_lock, "negative_prompt": negative}
@@ -354,7 +226,7 @@ def base_group():
 
 
 @base_group.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_obj
 def base_list(obj, as_json):
     """Embedded and registered bases, with their digests when known."""
@@ -400,7 +272,7 @@ def base_add(obj, name, location, make_default, compatible_with):
 @click.option("--captions", type=click.Path(exists=True, dir_okay=False), help="Caption file (default: pfx's).")
 @click.option("--device")
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False))
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_obj
 def base_prepare(obj, base, captions, device, tokenizer, as_json):
     """Compute the base digest and its covariance C once, and keep them in the store."""

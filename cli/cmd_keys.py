@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from cli.output import emit, table
+from cli.output import emit, json_option, table
 
 
 def _home(ctx: click.Context):
@@ -23,7 +23,7 @@ def key():
 
 @key.command("generate")
 @click.argument("name", default="default")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def key_generate(ctx, name, as_json):
     """Make an ed25519 key pair NAME (the first one becomes the default signing key)."""
@@ -37,7 +37,7 @@ def key_generate(ctx, name, as_json):
 
 
 @key.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def key_list(ctx, as_json):
     """Your keys, the keys you trust per namespace, and the effective policies."""
@@ -62,7 +62,7 @@ def key_list(ctx, as_json):
 
 @key.command("export")
 @click.argument("name", required=False)
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def key_export(ctx, name, as_json):
     """Print the public key of NAME (default: the default signing key)."""
@@ -76,7 +76,7 @@ def key_export(ctx, name, as_json):
 @click.argument("namespace")
 @click.argument("public_key", metavar="PUBKEY_OR_FILE")
 @click.option("--label", help="A note for `pfx key list` (e.g. the publisher's name).")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def key_trust(ctx, namespace, public_key, label, as_json):
     """Trust a publisher key for NAMESPACE ('default' = un-namespaced names). Turns on 'enforce' there
@@ -91,7 +91,7 @@ def key_trust(ctx, namespace, public_key, label, as_json):
 @key.command("untrust")
 @click.argument("namespace")
 @click.argument("keyid", metavar="KEYID_OR_PUBKEY")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def key_untrust(ctx, namespace, keyid, as_json):
     """Stop trusting a key (by key id, a prefix of it, or the key) for NAMESPACE."""
@@ -105,7 +105,7 @@ def key_untrust(ctx, namespace, keyid, as_json):
 @key.command("policy")
 @click.argument("namespace")
 @click.argument("policy", type=click.Choice(["off", "warn", "enforce", "auto"]))
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def key_policy(ctx, namespace, policy, as_json):
     """Set NAMESPACE's policy ('*' = every namespace without its own; 'auto' = enforce once a key is

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from cli.output import emit, progress, table
+from cli.output import emit, json_option, progress, table
 from registry.errors import IntegrityError, UsageError
 from registry.names import parse_ref
 
@@ -27,7 +27,7 @@ def _home(ctx: click.Context):
 
 @click.command("list")
 @click.argument("name", required=False)
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @click.pass_context
 def list_cmd(ctx: click.Context, name: str | None, as_json: bool) -> None:
     """List installed concepts (optionally only NAME's versions)."""
@@ -49,7 +49,7 @@ def list_cmd(ctx: click.Context, name: str | None, as_json: bool) -> None:
 
 @click.command("remove")
 @click.argument("refs", nargs=-1, required=True, metavar="NAME[@VERSION]...")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def remove_cmd(ctx: click.Context, refs: tuple[str, ...], as_json: bool) -> None:
     """Forget installed versions (all of NAME, or NAME@VERSION). `pfx gc` then frees the space."""
@@ -77,7 +77,7 @@ def remove_cmd(ctx: click.Context, refs: tuple[str, ...], as_json: bool) -> None
 
 @click.command("verify")
 @click.option("--fix", is_flag=True, help="Delete corrupt blobs so that a reinstall fetches them again.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def verify_cmd(ctx: click.Context, fix: bool, as_json: bool) -> None:
     """Re-hash every blob and manifest the installed versions use."""
@@ -125,7 +125,7 @@ def verify_cmd(ctx: click.Context, fix: bool, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Only report what would be deleted.")
 @click.option("--grace", "grace", type=float, default=None, metavar="SECONDS",
               help="Keep unreferenced blobs younger than this (default 900: protects installs in flight).")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def gc_cmd(ctx: click.Context, dry_run: bool, grace: float | None, as_json: bool) -> None:
     """Delete blobs no installed version references."""
@@ -143,7 +143,7 @@ def gc_cmd(ctx: click.Context, dry_run: bool, grace: float | None, as_json: bool
 
 
 @click.command("du")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def du_cmd(ctx: click.Context, as_json: bool) -> None:
     """Disk usage of the home folder by kind."""
@@ -162,7 +162,7 @@ def du_cmd(ctx: click.Context, as_json: bool) -> None:
 @click.command("lock")
 @click.argument("refs", nargs=-1, metavar="[REF]...")
 @click.option("-o", "--output", default="pfx.lock", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def lock_cmd(ctx: click.Context, refs: tuple[str, ...], output: str, as_json: bool) -> None:
     """Write a lockfile pinning the installed versions (or REFs) by manifest, blob and base digest."""
@@ -176,7 +176,7 @@ def lock_cmd(ctx: click.Context, refs: tuple[str, ...], output: str, as_json: bo
 @click.command("export")
 @click.argument("bundle", type=click.Path())
 @click.argument("refs", nargs=-1, metavar="[REF]...")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def export_cmd(ctx: click.Context, bundle: str, refs: tuple[str, ...], as_json: bool) -> None:
     """Export installed concepts (all, or REFs) as an offline bundle: a folder, or a .tar/.tar.gz."""
@@ -191,7 +191,7 @@ def export_cmd(ctx: click.Context, bundle: str, refs: tuple[str, ...], as_json: 
 
 @click.command("import")
 @click.argument("bundle", type=click.Path(exists=True))
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def import_cmd(ctx: click.Context, bundle: str, as_json: bool) -> None:
     """Verify and install everything in an offline bundle (folder or tar written by `pfx export`)."""

@@ -11,7 +11,7 @@ from contextlib import ExitStack
 
 import click
 
-from cli.output import emit, progress, table
+from cli.output import emit, json_option, progress, table
 from registry.errors import OfflineError, PfxError
 
 
@@ -45,7 +45,7 @@ def _warn(msg: str) -> None:
 @click.option("-r", "--requirements", "lock", type=click.Path(dir_okay=False), help="Install exactly a pfx.lock.")
 @click.option("--remote", help="Only this remote (default: every remote in order, then 'sample').")
 @click.option("--workers", default=8, show_default=True, type=click.IntRange(1, 64), help="Parallel downloads.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def install(ctx, refs, lock, remote, workers, as_json):
     """Install concepts: NAME, NAME@1.2.0, NAME@^1.2, NAME@latest, NAME@sha256:..., or -r pfx.lock."""
@@ -74,7 +74,7 @@ def install(ctx, refs, lock, remote, workers, as_json):
 @click.option("--remote", help="Search this remote only (default: installed concepts, then every remote).")
 @click.option("--local", "local_only", is_flag=True, help="Search installed concepts only.")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 200))
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def search(ctx, query, remote, local_only, limit, as_json):
     """Search concepts by name, description, trigger, superclass and tags."""
@@ -118,7 +118,7 @@ def search(ctx, query, remote, local_only, limit, as_json):
 @click.command()
 @click.argument("ref")
 @click.option("--remote", help="Ask this remote (skips the installed copy).")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def info(ctx, ref, remote, as_json):
     """Describe a concept: the installed version first, else what the remotes have."""
@@ -163,7 +163,7 @@ def info(ctx, ref, remote, as_json):
 @click.option("--sign/--no-sign", default=None,
               help="Sign the manifest digest (default: sign when you have a default key, see `pfx key`).")
 @click.option("--key", "key_name", help="Sign with this key (from `pfx key list`).")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def publish(ctx, ref, to, no_latest, sign, key_name, as_json):
     """Publish a local NAME[@VERSION] to a remote (never overwrites a published version)."""
@@ -183,7 +183,7 @@ def publish(ctx, ref, to, no_latest, sign, key_name, as_json):
 @click.argument("ref")
 @click.option("--remote", help="Remote to edit (default: your default remote).")
 @click.option("--undo", is_flag=True, help="Un-yank.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def yank(ctx, ref, remote, undo, as_json):
     """Yank NAME@VERSION: still installable exactly or from a lockfile, never chosen by a range or tag."""
@@ -198,7 +198,7 @@ def yank(ctx, ref, remote, undo, as_json):
 @click.argument("ref")
 @click.argument("tag_name", metavar="TAG")
 @click.option("--remote", help="Remote to edit (default: your default remote).")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def tag_cmd(ctx, ref, tag_name, remote, as_json):
     """Point TAG (e.g. stable) at the version REF selects."""
@@ -225,7 +225,7 @@ def remote():
 @click.option("--default", "make_default", is_flag=True, help="Make it the default publish target.")
 @click.option("--single-writer", is_flag=True, help="Allow publishing to a store without conditional writes "
               "(only safe when you are its only publisher).")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def remote_add(ctx, name, url, endpoint_url, profile, make_default, single_writer, as_json):
     """Add a remote and probe whether it honours conditional writes (needed for safe publishing)."""
@@ -268,7 +268,7 @@ def remote_add(ctx, name, url, endpoint_url, profile, make_default, single_write
 
 
 @remote.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def remote_list(ctx, as_json):
     """List remotes in the order installs try them."""
@@ -312,7 +312,7 @@ def registry():
 @registry.command("compact")
 @click.argument("remote_name", required=False)
 @click.option("--rebuild", is_flag=True, help="Also rebuild every package index from the claims (LISTs the store).")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.pass_context
 def registry_compact(ctx, remote_name, rebuild, as_json):
     """Fold recent publishes into the remote's search shards and repair lagging package indexes."""

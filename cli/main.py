@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from cli.output import json_option
 from registry.errors import EXIT_CODES
 
 EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in sorted(EXIT_CODES.items()))
@@ -73,7 +74,7 @@ def cli(ctx: click.Context, home: str | None, offline: bool, debug: bool) -> Non
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def version(as_json: bool) -> None:
     """Show pfx's version (and the library versions it would use)."""
     from importlib.metadata import PackageNotFoundError

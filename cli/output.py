@@ -12,6 +12,8 @@ import click
 
 from registry.errors import EXIT_ERROR, EXIT_INCOMPATIBLE, EXIT_INTEGRITY, PfxError
 
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (stable keys) instead of text.")
+
 
 def emit(data: Any, as_json: bool, human: Callable[[Any], None] | None = None) -> None:
     """Print `data` as JSON (stable, sorted keys) or through `human`."""

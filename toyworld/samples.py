@@ -53,7 +53,7 @@ def write_photos(folder: Path, name: str, count: int = PHOTOS, sizes: tuple[str,
 def build(target: Path, *, steps: int = 400, pick: Path | None = None) -> None:
     """Train both samples (or take the files `pick`, a toyworld/experiments/sample_pick.py choice, names) and publish them
     into a fresh file:// registry at `target`."""
-    from cli.cmd_engine import base_covariance, open_base
+    from cli.engine_store import base_covariance, open_base
     from cli.main import Context
     from perfusion_hub.concept import load_concept
     from perfusion_hub.loaders import unload_concepts
