@@ -17,9 +17,8 @@ denoiser on the procedural world by ``toyworld.base_train`` (on a GPU; see build
 section). So after a rebuild run base_train and decoder again, then regenerate the packaged covariance
 (``python -m toyworld.build --covariance-only``) and the sample registry (``python -m toyworld.samples``).
 
-Total: about 5 minutes on 2 otherwise idle CPU threads (VAE: ~0.13 s per 32px step, ~0.25 s per 64px step),
-11 minutes measured on the shared, busy 2-core dev machine; almost all of it is VAE training
-(``VAE_PHASES``). ``--skip-vae`` keeps the shipped VAE and rebuilds everything else in ~10 seconds.
+Almost all of the build's time is VAE training (``VAE_PHASES``; minutes on a 2-core CPU); ``--skip-vae`` keeps
+the shipped VAE and rebuilds everything else in seconds.
 
 Toy architecture (CPU friendly, but with real head dims for the rank-one math):
 
@@ -27,13 +26,13 @@ Toy architecture (CPU friendly, but with real head dims for the rank-one math):
   size; bos/eos/pad ids are the tokenizer's (eos = pad = ``<|endoftext|>``, the real eos id).
 * UNet2DConditionModel: channels (64, 128), 1 layer per block, two cross-attention down and up blocks,
   cross_attention_dim 128, 4 heads, norm groups 16, sample 16, 4 in/out channels: 7 ``attn2`` modules
-  (4.3 M parameters; 25 DDIM steps with guidance take 0.7-1.8 s on 2 CPU threads, by machine: bench/render_toy.py).
+  (4.3 M parameters; its render speed on a CPU: bench/render_toy.py and bench/README.md).
 * AutoencoderKL: channels [32, 64, 64] (downsampling x4: a 64x64 image <-> a 16x16x4 latent), norm groups
   8, one layer per block. Trained (seeded, CPU, 2 threads) on procedural 64x64 images (coloured or gradient
   backgrounds with circles, boxes, triangles and stripes) with reconstruction MSE plus a small KL term:
   1,600 steps of batch 16 on random 32x32 crops, then 300 steps of batch 8 on whole images (Adam 5e-4,
-  cosine), posterior log-variance initialised at -8. Held-out PSNR of decode(encode(x)) ~22.8 dB
-  (build_info.json); ``scaling_factor`` = 1 / std of the latents of held-out images (fp16-rounded weights),
+  cosine), posterior log-variance initialised at -8. Held-out PSNR of decode(encode(x)) is recorded in
+  build_info.json; ``scaling_factor`` = 1 / std of the latents of held-out images (fp16-rounded weights),
   so scaled latents have ~unit std.
 * DDIMScheduler with SD's betas (scaled_linear 0.00085..0.012, 1000 steps), steps_offset 1,
   clip_sample False, set_alpha_to_one False.

@@ -3,9 +3,8 @@
 ``python -m toyworld.decoder --out DIR`` (meant for one GPU; runs on CPU with small settings).
 
 The shipped VAE was trained by `toyworld.build` on generic shapes only. On the world's scenes it
-loses fine parts: Mittens' collar and paws. Through that VAE, the evaluator still saw Mittens in 44% of
-medium and 66% of large round trips, 5% of small ones, and 48% of Mittens-on-Eames scenes (build_info.json
-"decoder" probes, step 0).
+loses fine parts: Mittens' collar and paws (the evaluator's Mittens rate on its round trips, before and after
+this stage: build_info.json "decoder" probes).
 
 This stage trains the decoder, post-quant conv included, on base-training scenes of the world
 (`world.batch`: never a reserved instance):

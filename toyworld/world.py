@@ -20,7 +20,7 @@ may name the parts, in words that are single tokens, after the noun or before it
 ("a cat with a blue scarf and white socks", "a blue scarf white socks cat"), coloured paws are "white socks",
 a shell chair is a "shell chair" (leg colours are never named). A base that can be asked for the parts is
 what a personal concept needs: on a base whose captions never named collars or paws, no value edit could
-bring them back (Mittens' identity 2%, bench/README.md). `conflict` makes the copies of captions that teach
+bring them back (bench/README.md). `conflict` makes the copies of captions that teach
 the base to read an object from its noun, where a key-locked concept stands.
 
 `render_mittens` / `render_eames` draw them in varied positions, sizes and backgrounds: they are the
