@@ -12,6 +12,11 @@ deterministic on CPU and a resumed run continues exactly where the checkpoint le
 
 Precision: in fp16 the loss is scaled dynamically (`_LossScale`) so that the small gradients flowing back through
 the fp16 UNet do not underflow; fp32 and bf16 runs are not scaled (bf16 has fp32's range).
+
+Target: what the base's UNet was trained to predict, read from its scheduler's `prediction_type`: "epsilon"
+(the noise; SD1.x, the toy base) or "v_prediction" (the velocity sqrt(a) noise - sqrt(1 - a) x0; SD2.x 768).
+Training a v-prediction UNet towards the noise would teach the concept to produce wrong images, so any other
+type ("sample", ...) is refused before training starts.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ class TrainConfig:
 
 
 METHODS = ("perfusion", "trained_keys", "embedding_only", "full_kv")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 class _LossScale:
@@ -256,6 +262,11 @@ def train_concept(
             warn(msg)
 
     super_id = check_superclass(tok, superclass)
+    prediction = sched.config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES or (prediction == "v_prediction" and not hasattr(sched, "get_velocity")):
+        raise BadInput(f"this base's scheduler says its UNet predicts {prediction!r}; training supports bases that "
+                       f"predict {' or '.join(PREDICTION_TYPES)} (if the scheduler config is wrong, set its "
+                       "prediction_type to what the UNet was trained for)")
     photos = load_photos(photos_dir, base.resolution, warn=_warn)
     if covariance.base_digest and covariance.base_digest != base.digest:
         raise BadInput("the covariance was computed for another base; recompute it for this one")
@@ -394,7 +405,8 @@ def train_concept(
                 if fast and device.type == "cuda":
                     noisy = noisy.contiguous(memory_format=torch.channels_last)
                 pred = unet_fn(noisy, timesteps, ehs.to(dtype)).sample.float()
-                err = (pred - noise) ** 2
+                target = noise if prediction == "epsilon" else sched.get_velocity(latents, noise, timesteps)
+                err = (pred - target) ** 2
                 if masks is not None:
                     m = masks[idx]
                     loss = ((err * m).sum((1, 2, 3)) / (m.sum((1, 2, 3)) * err.shape[1]).clamp_min(1e-6)).mean()

@@ -70,3 +70,42 @@ def test_fp16_resume_carries_the_loss_scale(toy_base, tiny_cov, tmp_path, monkey
     assert resumed.losses == straight.losses
     for k, t in straight.concept.tensors().items():
         assert torch.equal(resumed.concept.tensors()[k], t), k
+
+
+def test_v_prediction_base_trains_towards_the_velocity(clean_base, toy_cov, tmp_path):
+    """Item 6: with the scheduler switched to v_prediction, the first step's loss is the MSE between the UNet's
+    prediction and the velocity sqrt(a) noise - sqrt(1 - a) x0, computed here by hand from what the step fed
+    the scheduler and what the UNet returned; "sample" (or anything else) is refused before training starts."""
+    from diffusers import DDIMScheduler
+
+    from perfusion_hub.errors import BadInput
+
+    pipe = clean_base.pipe
+    fed, preds = [], []
+
+    class Recording(DDIMScheduler):
+        def add_noise(self, original_samples, noise, timesteps):
+            fed.append((original_samples.clone(), noise.clone(), timesteps.clone()))
+            return super().add_noise(original_samples, noise, timesteps)
+
+    photos = photo_folder(tmp_path / "photos", n=2)
+    saved = pipe.scheduler
+    handle = pipe.unet.register_forward_hook(lambda m, a, out: preds.append(out.sample.detach().float()))
+    try:
+        pipe.scheduler = Recording.from_config(saved.config, prediction_type="v_prediction")
+        res = train_concept(clean_base, photos, name="cat-v", superclass="cat", covariance=toy_cov,
+                            out_path=tmp_path / "v.safetensors", config=TrainConfig(steps=1, batch_size=4, previews=0))
+        pipe.scheduler = DDIMScheduler.from_config(saved.config, prediction_type="sample")
+        vocab = len(pipe.tokenizer)
+        with pytest.raises(BadInput, match="'sample'.*epsilon or v_prediction"):
+            train_concept(clean_base, photos, name="cat-x", superclass="cat", covariance=toy_cov,
+                          out_path=tmp_path / "x.safetensors", config=TrainConfig(steps=1, batch_size=4, previews=0))
+        assert len(pipe.tokenizer) == vocab and not (tmp_path / "x.safetensors").exists()
+    finally:
+        pipe.scheduler = saved
+        handle.remove()
+    ((x0, noise, t),), (pred,) = fed, preds
+    a = saved.alphas_cumprod[t].view(-1, 1, 1, 1).float()
+    v = a.sqrt() * noise - (1 - a).sqrt() * x0
+    assert res.losses[0] == pytest.approx(float(((pred - v) ** 2).mean()), rel=1e-5)
+    assert res.losses[0] != pytest.approx(float(((pred - noise) ** 2).mean()), rel=1e-2)  # not the noise target
