@@ -11,12 +11,14 @@ works after `load_concepts`).
 
 At inference the edited text K/V are computed once per prompt and reused across denoising steps: the
 pipeline passes the same `encoder_hidden_states` tensor at every step, so the cache is keyed by that
-object (a strong reference is held, so the key cannot be recycled) and by the runtime's version, which
-any change of concepts, gates or weights bumps. The cache is bypassed whenever gradients are enabled.
+object (a strong reference is held, so the key cannot be recycled), by the runtime's version, which
+any change of concepts, gates or weights bumps, and by the global key-locking state (`set_global_lock`), which
+changes what the keys are for the same encodings. The cache is bypassed whenever gradients are enabled.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -104,8 +106,7 @@ class PerfusionRuntime:
         self.exact = exact
         self.concepts: dict[str, ConceptState] = {}
         self.training = False
-        self.global_lock = False
-        self.key_states: torch.Tensor | None = None  # global key-locking: encodings with superclass words
+        self._key_states: torch.Tensor | None = None  # global key-locking: encodings with superclass words
         self.gate_override: torch.Tensor | None = None  # tests: force gates open/shut
         self._explicit: list[str] | None = None
         self._seen: list[str] = []
@@ -159,6 +160,32 @@ class PerfusionRuntime:
         self._basis_cache = None
         self._layer_cache.clear()
         self._kv_cache.clear()
+
+    # ---- global key-locking ---------------------------------------------------------------------
+    @property
+    def global_lock(self) -> bool:
+        return self._key_states is not None
+
+    @property
+    def key_states(self) -> torch.Tensor | None:
+        return self._key_states
+
+    def set_global_lock(self, key_states: torch.Tensor | None) -> None:
+        """Global key-locking (spec section 3) for encodings of `key_states`' shape: the keys of every position
+        are W_K applied to `key_states` (the prompt's encodings with each concept token replaced by its
+        superclass word); the values stay edited. None: local key-locking (the default). Cached text K/V are
+        dropped, so the same encodings give the keys of the mode now set."""
+        self._key_states = key_states
+        self._kv_cache.clear()
+
+    @contextmanager
+    def global_locked(self, key_states: torch.Tensor):
+        """set_global_lock(key_states) for the block; local key-locking again after it, however it ends."""
+        self.set_global_lock(key_states)
+        try:
+            yield self
+        finally:
+            self.set_global_lock(None)
 
     # ---- activation -----------------------------------------------------------------------------
     def activate(self, names: list[str] | None) -> None:
@@ -299,20 +326,21 @@ class PerfusionRuntime:
         cacheable = not self.training and not torch.is_grad_enabled()
         if cacheable:
             hit = self._kv_cache.get(path)
-            if hit is not None and hit[0] is ehs and hit[1] == (self.version, tuple(names)):
+            if (hit is not None and hit[0] is ehs and hit[1] == (self.version, tuple(names))
+                    and hit[4] is self._key_states):
                 return hit[2], hit[3]
         basis = self.basis(names, ehs.device)
         wk_u, wv_u, o_k, o_v = self.layer_terms(path, attn, names, basis)
         override, (pos, at) = self.gate_override, self.positions(ehs, names)
-        if self.global_lock and self.key_states is not None and self.key_states.shape == ehs.shape:
-            key = attn.to_k(self.key_states)
+        if self._key_states is not None and self._key_states.shape == ehs.shape:
+            key = attn.to_k(self._key_states)
         else:
             key = edited_projection(attn.to_k(ehs), ehs, basis, wk_u, o_k, gate_override=override,
                                     positions=pos, gates_at=at).to(ehs.dtype)
         value = edited_projection(attn.to_v(ehs), ehs, basis, wv_u, o_v, gate_override=override,
                                   positions=pos, gates_at=at).to(ehs.dtype)
         if cacheable:
-            self._kv_cache[path] = (ehs, (self.version, tuple(names)), key, value)
+            self._kv_cache[path] = (ehs, (self.version, tuple(names)), key, value, self._key_states)
         return key, value
 
     # ---- installation ---------------------------------------------------------------------------

@@ -109,3 +109,36 @@ def test_v_prediction_base_trains_towards_the_velocity(clean_base, toy_cov, tmp_
     v = a.sqrt() * noise - (1 - a).sqrt() * x0
     assert res.losses[0] == pytest.approx(float(((pred - v) ** 2).mean()), rel=1e-5)
     assert res.losses[0] != pytest.approx(float(((pred - noise) ** 2).mean()), rel=1e-2)  # not the noise target
+
+
+def _encode(pipe, prompt: str) -> torch.Tensor:
+    ids = pipe.tokenizer([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def test_global_lock_switch_is_seen_by_the_kv_cache(clean_base, toy_cov):
+    """Item 2: the text K/V cache is keyed by the encodings tensor; switching key-locking mode for the same
+    tensor must give the keys of the new mode (global: W_K of the superclass prompt's encodings; local: the
+    edit), not the cached keys of the old one."""
+    from perfusion_hub.loaders import load_concepts, runtime_of
+    from tests.enginekit import synthetic_concept
+
+    pipe = clean_base.pipe
+    load_concepts(pipe, [synthetic_concept(clean_base, toy_cov, "cat-mittens", "cat", seed=3)], covariance=toy_cov)
+    rt = runtime_of(pipe)
+    ehs = _encode(pipe, "a photo of a <cat-mittens>")
+    sup = _encode(pipe, "a photo of a cat")
+    path, attn = next(iter(rt.layers.items()))
+    rt.activate(["cat-mittens"])
+    try:
+        with torch.no_grad():
+            local, _ = rt.key_value(path, attn, ehs, ["cat-mittens"])
+            with rt.global_locked(sup):
+                glob, _ = rt.key_value(path, attn, ehs, ["cat-mittens"])
+            again, _ = rt.key_value(path, attn, ehs, ["cat-mittens"])
+            wk_sup = attn.to_k(sup)
+    finally:
+        rt.activate(None)
+    assert torch.equal(glob, wk_sup) and not torch.allclose(local, wk_sup, atol=1e-3)
+    assert torch.equal(again, local) and not rt.global_lock and rt.key_states is None
