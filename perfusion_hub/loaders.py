@@ -21,7 +21,12 @@ from perfusion_hub.bases import compute_digest
 from perfusion_hub.concept import Concept, check_fits_base, load_concept
 from perfusion_hub.covariance import Covariance
 from perfusion_hub.errors import IncompatibleConcepts
-from perfusion_hub.processor import ConceptState, PerfusionRuntime, cross_attention_modules
+from perfusion_hub.processor import (
+    ConceptState,
+    PerfusionRuntime,
+    check_concepts_composable,
+    cross_attention_modules,
+)
 
 
 def runtime_of(pipe) -> PerfusionRuntime | None:
@@ -55,7 +60,9 @@ def load_concepts(
     """Load concepts (files, bytes or Concept objects) into `pipe`; returns their names.
 
     `covariance` is the base's C (a Covariance, its file, or a tensor). A concept already loaded under the
-    same name is replaced. Nothing in the pipeline changes unless every concept passes its checks.
+    same name is replaced. Nothing in the pipeline changes unless every concept passes its checks; these
+    include that the pipeline's concepts after the call can be composed with each other (fewer of them than
+    the text encodings have dimensions, and no numerically dependent target inputs: errors name them).
     """
     items = [c if isinstance(c, Concept) else load_concept(c) for c in concepts]
     cov = _as_covariance(covariance)
@@ -79,6 +86,8 @@ def load_concepts(
         raise IncompatibleConcepts(f"two concepts use the same token: {triggers}")
     if len({c.name for c in items}) != len(items):
         raise IncompatibleConcepts("the same concept name was given twice")
+    after = {n: s.target_input for n, s in (rt.concepts.items() if rt else ()) if n not in {c.name for c in items}}
+    check_concepts_composable(after | {c.name: c.target_input for c in items}, cov.matrix)
 
     if rt is None:
         rt = PerfusionRuntime(pipe.unet, cov.matrix, exact=exact,

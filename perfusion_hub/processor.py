@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from perfusion_hub.edit import Basis, edit_terms, edited_projection, inverse_and_root, make_basis
+from perfusion_hub.edit import (
+    Basis,
+    check_composable,
+    edit_terms,
+    edited_projection,
+    inverse_and_root,
+    make_basis,
+)
 from perfusion_hub.errors import IncompatibleConcepts
 
 GATE_POSITIONS = ("all", "prompt", "span")
@@ -60,6 +67,15 @@ def _factor(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             _FACTORS.pop(next(iter(_FACTORS)))
         _FACTORS[key] = inverse_and_root(c)
     return _FACTORS[key]
+
+
+def check_concepts_composable(targets: dict[str, torch.Tensor], covariance: torch.Tensor) -> None:
+    """edit.check_composable for concepts given as name -> target input i*, under this covariance (what
+    load_concepts checks before it changes anything in the pipeline)."""
+    if len(targets) < 2:
+        return
+    _, root = _factor(covariance)
+    check_composable(torch.stack([t.detach().cpu().double() for t in targets.values()]), root, list(targets))
 
 
 @dataclass
@@ -189,14 +205,23 @@ class PerfusionRuntime:
 
     # ---- activation -----------------------------------------------------------------------------
     def activate(self, names: list[str] | None) -> None:
-        """Use exactly these concepts (None: detect them from the prompt's tokens)."""
+        """Use exactly these concepts (None: detect them from the prompt's tokens). A set that cannot be composed
+        is refused here (check_composable), before any UNet call."""
         if names is not None:
             unknown = [n for n in names if n not in self.concepts]
             if unknown:
                 raise KeyError(f"concepts not loaded: {', '.join(unknown)}")
             names = list(dict.fromkeys(names))
+            self.check_composable(names)
         self._explicit = names
         self._kv_cache.clear()
+
+    def check_composable(self, names: list[str]) -> None:
+        """Refuse (IncompatibleConcepts, naming them) concepts that cannot be composed: as many as the encodings
+        have dimensions, or numerically dependent target inputs (edit.check_composable)."""
+        if len(names) > 1:
+            check_composable(torch.stack([self.concepts[n].target_input.detach().cpu().double() for n in names]),
+                             self.root, names)
 
     def active(self) -> list[str]:
         return self._explicit if self._explicit is not None else self._seen
@@ -228,7 +253,7 @@ class PerfusionRuntime:
         targets = torch.stack([c.target_input.detach().cpu().double() for c in cs])
         beta = torch.tensor([c.beta for c in cs], dtype=torch.float64)
         tau = torch.tensor([c.tau for c in cs], dtype=torch.float64)
-        b = make_basis(targets, self.c_inv, self.root, beta, tau, exact=self.exact)
+        b = make_basis(targets, self.c_inv, self.root, beta, tau, exact=self.exact, names=[c.name for c in cs])
         b = Basis(*(t.to(device) for t in (b.U, b.A, b.G, b.beta, b.tau)))
         self._basis_cache = (key, b)
         return b

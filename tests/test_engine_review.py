@@ -142,3 +142,93 @@ def test_global_lock_switch_is_seen_by_the_kv_cache(clean_base, toy_cov):
         rt.activate(None)
     assert torch.equal(glob, wk_sup) and not torch.allclose(local, wk_sup, atol=1e-3)
     assert torch.equal(again, local) and not rt.global_lock and rt.key_states is None
+
+
+def _pipeline_state(pipe) -> dict:
+    """What loading concepts changes in a pipeline: processors, tokenizer, token embeddings, the runtime."""
+    from perfusion_hub.loaders import loaded_concepts
+
+    return {"processors": {p: type(m) for p, m in pipe.unet.attn_processors.items()}, "vocab": len(pipe.tokenizer),
+            "rows": pipe.text_encoder.get_input_embeddings().weight.shape[0], "loaded": loaded_concepts(pipe)}
+
+
+def _variant(concept, name: str, target_input: torch.Tensor):
+    """The same concept under another name and token, with another target input i*."""
+    from perfusion_hub.concept import Concept
+
+    meta = dict(concept.metadata, name=name, trigger=f"<{name}>")
+    return Concept(meta, concept.token_embedding, target_input, concept.superclass_input, concept.value_targets)
+
+
+def test_more_concepts_than_text_dimensions_refused():
+    """Item 3, the edit math: N >= D target inputs span every D-dimensional encoding, so the projector is the
+    identity and the edit removes the base's own output W e everywhere; N = D - 1 is still composed."""
+    from perfusion_hub.edit import inverse_and_root, make_basis
+    from perfusion_hub.errors import IncompatibleConcepts
+
+    d = 4
+    c_inv, root = inverse_and_root(torch.eye(d, dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    for n in (d, d + 1):
+        with pytest.raises(IncompatibleConcepts, match=f"{n} concepts cannot be composed on a {d}-dimensional text "
+                                                       f"encoder: at most {d - 1}"):
+            make_basis(torch.randn(n, d, generator=g), c_inv, root, torch.full((n,), 0.7), torch.full((n,), 0.15))
+    make_basis(torch.randn(d - 1, d, generator=g), c_inv, root, torch.full((d - 1,), 0.7), torch.full((d - 1,), 0.15))
+
+
+def test_more_concepts_than_text_dimensions_refused_at_load(clean_base, toy_cov):
+    """Item 3 on the toy base (128-d encodings): 128 concepts with random (independent) target inputs are
+    refused by load_concepts with the count in the error, and the pipeline is left as it was."""
+    from perfusion_hub.errors import IncompatibleConcepts
+    from perfusion_hub.loaders import load_concepts
+    from tests.enginekit import synthetic_concept
+
+    d = clean_base.dim
+    assert d == 128
+    c = synthetic_concept(clean_base, toy_cov, "cat-mittens", "cat")
+    g = torch.Generator().manual_seed(1)
+    many = [_variant(c, f"cat-{k}", torch.randn(d, generator=g) * c.target_input.norm() / d**0.5) for k in range(d)]
+    before = _pipeline_state(clean_base.pipe)
+    with pytest.raises(IncompatibleConcepts, match=f"{d} concepts cannot be composed on a {d}-dimensional"):
+        load_concepts(clean_base.pipe, many, covariance=toy_cov)
+    assert _pipeline_state(clean_base.pipe) == before
+    assert load_concepts(clean_base.pipe, many[:3], covariance=toy_cov) == ["cat-0", "cat-1", "cat-2"]
+
+
+def test_dependent_target_inputs_refused_at_load_naming_the_concepts(clean_base, toy_cov):
+    """Item 4: two concepts with the same i* are refused by load_concepts, in one call or one after the other,
+    with both names in the error and nothing in the pipeline changed; a runtime asked to compose such concepts
+    refuses them when they are activated, naming them, not inside the UNet."""
+    from perfusion_hub.errors import IncompatibleConcepts
+    from perfusion_hub.loaders import load_concepts
+    from perfusion_hub.processor import PerfusionRuntime
+    from tests.enginekit import synthetic_concept
+
+    pipe = clean_base.pipe
+    a = synthetic_concept(clean_base, toy_cov, "cat-a", "cat", seed=1)
+    b = _variant(synthetic_concept(clean_base, toy_cov, "cat-b", "cat", seed=2), "cat-b", a.target_input.clone())
+    chair = synthetic_concept(clean_base, toy_cov, "chair-eames", "chair", seed=3)
+    before = _pipeline_state(pipe)
+    with pytest.raises(IncompatibleConcepts, match="cat-a and cat-b have .*dependent target inputs"):
+        load_concepts(pipe, [a, chair, b], covariance=toy_cov)
+    assert _pipeline_state(pipe) == before
+    load_concepts(pipe, [a], covariance=toy_cov)
+    before = _pipeline_state(pipe)
+    with pytest.raises(IncompatibleConcepts, match="cat-a and cat-b have .*dependent target inputs"):
+        load_concepts(pipe, [b], covariance=toy_cov)
+    assert _pipeline_state(pipe) == before
+    # a concept reloaded under its own name is replaced, not composed with its old self
+    assert load_concepts(pipe, [_variant(b, "cat-a", a.target_input)], covariance=toy_cov) == ["cat-a"]
+
+    rt = PerfusionRuntime(pipe.unet, toy_cov.matrix)  # not installed: only its checks run
+    rt.add(_state(a))
+    rt.add(_state(b))
+    with pytest.raises(IncompatibleConcepts, match="cat-a and cat-b have .*dependent target inputs"):
+        rt.activate(["cat-a", "cat-b"])
+
+
+def _state(c):
+    from perfusion_hub.processor import ConceptState
+
+    return ConceptState(c.name, c.trigger, None, c.target_input, c.superclass_input, dict(c.value_targets), c.beta,
+                        c.tau)
