@@ -55,13 +55,18 @@ def cross_attention_modules(unet) -> dict[str, torch.nn.Module]:
 _FACTORS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def covariance_key(covariance: torch.Tensor) -> str:
+    """sha1 of the covariance's fp64 bytes: which matrix a runtime was built with."""
+    import hashlib
+
+    return hashlib.sha1(covariance.detach().cpu().double().contiguous().numpy().tobytes()).hexdigest()
+
+
 def _factor(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """C^-1 and its Cholesky root, cached by the covariance's bytes (a runtime is rebuilt whenever all
     concepts are unloaded; the factorisation of a 768x768 matrix need not be)."""
-    import hashlib
-
     c = covariance.detach().cpu().double().contiguous()
-    key = hashlib.sha1(c.numpy().tobytes()).hexdigest()
+    key = covariance_key(c)
     if key not in _FACTORS:
         if len(_FACTORS) > 8:
             _FACTORS.pop(next(iter(_FACTORS)))
@@ -96,7 +101,9 @@ class ConceptState:
 
 
 class PerfusionRuntime:
-    def __init__(self, unet, covariance: torch.Tensor, *, exact: bool = True, gate_positions: str = "all"):
+    def __init__(self, unet, covariance: torch.Tensor, *, exact: bool = True, gate_positions: str = "all",
+                 covariance_identity: tuple[str, str] = ("", "")):
+        """`covariance_identity`: (base digest, corpus digest) of the covariance when known (uses_covariance)."""
         if gate_positions not in GATE_POSITIONS:
             raise ValueError(f"gate_positions must be one of {GATE_POSITIONS}")
         self.unet = unet
@@ -118,6 +125,7 @@ class PerfusionRuntime:
         if not self.layers:
             raise IncompatibleConcepts("this UNet has no cross-attention modules to edit")
         self.c_inv, self.root = _factor(covariance)
+        self.covariance_key, self.covariance_identity = covariance_key(covariance), tuple(covariance_identity)
         self.dim = self.c_inv.shape[0]
         self.exact = exact
         self.concepts: dict[str, ConceptState] = {}
@@ -164,6 +172,19 @@ class PerfusionRuntime:
                 raise ValueError("tau must be positive")
             c.tau = float(tau)
         self.touch()
+
+    def set_exact(self, exact: bool) -> None:
+        """Compose several concepts with the exact projector (True) or the per-concept subtraction (False)."""
+        if bool(exact) != self.exact:
+            self.exact = bool(exact)
+            self.touch()
+
+    def uses_covariance(self, covariance: torch.Tensor, identity: tuple[str, str] = ("", "")) -> bool:
+        """Whether `covariance` is this runtime's C: the same matrix, or a copy with the same known (base digest,
+        corpus digest), which spec section 5 makes interchangeable (recomputed elsewhere: only rounding differs)."""
+        if all(identity) and tuple(identity) == self.covariance_identity:
+            return True
+        return covariance_key(covariance) == self.covariance_key
 
     def refresh_token_ids(self, tokenizer) -> None:
         """Token ids shift when another concept's token is removed from the tokenizer."""

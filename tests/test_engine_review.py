@@ -232,3 +232,61 @@ def _state(c):
 
     return ConceptState(c.name, c.trigger, None, c.target_input, c.superclass_input, dict(c.value_targets), c.beta,
                         c.tau)
+
+
+def test_later_load_applies_exact_and_refuses_another_covariance(clean_base, toy_cov):
+    """Item 5: a later load_concepts on a pipeline that already has concepts (a) applies `exact`: the pipeline's
+    K/V then are those of the per-concept subtraction, as a runtime built with exact=False computes them, and a
+    call without `exact` keeps that mode; (b) refuses another covariance, with nothing changed, while taking
+    the same one (or a copy with the same base and corpus digests); after unloading, the other one loads."""
+    from perfusion_hub.errors import IncompatibleConcepts
+    from perfusion_hub.loaders import load_concepts, runtime_of, unload_concepts
+    from perfusion_hub.processor import PerfusionRuntime
+    from tests.enginekit import synthetic_concept
+
+    pipe = clean_base.pipe
+    cat = synthetic_concept(clean_base, toy_cov, "cat-mittens", "cat", seed=1, target_shift=1.0)
+    chair = synthetic_concept(clean_base, toy_cov, "chair-eames", "chair", seed=2, target_shift=1.0)
+    dog = synthetic_concept(clean_base, toy_cov, "dog-rex", "dog", seed=4)
+    names = ["cat-mittens", "chair-eames"]
+    load_concepts(pipe, [cat], covariance=toy_cov)
+    load_concepts(pipe, [chair], covariance=toy_cov, exact=False)
+    rt = runtime_of(pipe)
+    approx = PerfusionRuntime(pipe.unet, toy_cov.matrix, exact=False, gate_positions=rt.gate_positions)
+    exact = PerfusionRuntime(pipe.unet, toy_cov.matrix, exact=True, gate_positions=rt.gate_positions)
+    for other in (approx, exact):
+        other.eos_id = rt.eos_id
+        for n in names:
+            other.add(rt.concepts[n])
+    ids = pipe.tokenizer(["a photo of a <cat-mittens> on a <chair-eames>"], padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        ehs = pipe.text_encoder(ids)[0]
+    path, attn = next(iter(rt.layers.items()))
+
+    def kv(runtime):
+        runtime.position_masks = runtime.masks_from_ids(ids, names)  # the prompt's own positions (toy: "span")
+        try:
+            with torch.no_grad():
+                return torch.cat(runtime.key_value(path, attn, ehs, names), -1)
+        finally:
+            runtime.position_masks = None
+
+    assert not torch.allclose(kv(approx), kv(exact), atol=1e-4)  # the modes differ for these two concepts
+    assert torch.equal(kv(rt), kv(approx))
+    load_concepts(pipe, [dog], covariance=toy_cov)  # no `exact`: the mode stays
+    assert torch.equal(kv(rt), kv(approx))
+
+    before = _pipeline_state(pipe)
+    other = toy_cov.matrix * 2.0
+    with pytest.raises(IncompatibleConcepts, match="another covariance.*unload"):
+        load_concepts(pipe, [dog], covariance=other)
+    assert _pipeline_state(pipe) == before and runtime_of(pipe) is rt
+    copy = Covariance(toy_cov.matrix * (1 + 1e-7), base_digest=toy_cov.base_digest,
+                      corpus_digest=toy_cov.corpus_digest, count=toy_cov.count)
+    load_concepts(pipe, [dog], covariance=copy)  # a recomputed copy of the same C: the pipeline keeps its own
+    load_concepts(pipe, [dog], covariance=toy_cov.matrix)  # the same matrix as a tensor
+    assert runtime_of(pipe) is rt and rt.uses_covariance(toy_cov.matrix)
+    unload_concepts(pipe)
+    load_concepts(pipe, [dog], covariance=other)
+    assert runtime_of(pipe).uses_covariance(other) and not runtime_of(pipe).uses_covariance(toy_cov.matrix)
