@@ -64,8 +64,11 @@ def make_basis(
     *,
     exact: bool = True,
     dtype: torch.dtype = torch.float32,
+    names: list[str] | None = None,
 ) -> Basis:
-    """Build U, A, G for target inputs `targets` [N, D]. Refuses numerically dependent targets."""
+    """Build U, A, G for target inputs `targets` [N, D]. Refuses what check_composable refuses (its errors
+    name the concepts when `names` are given)."""
+    check_composable(targets, root, names)
     i_star = targets.to(torch.float64).T  # [D, N]
     cinv_i = c_inv @ i_star  # [D, N]
     energy = (i_star * cinv_i).sum(0)  # [N]
@@ -74,27 +77,54 @@ def make_basis(
     gate = cinv_i / energy
     n = i_star.shape[1]
     if not exact:  # the single-concept formula P e = sum_c s_c(e) i*_c, applied per concept
-        if n > 1:
-            _check_independent(root.T @ i_star)
         u, a = i_star, gate
     else:
-        q, r = torch.linalg.qr(root.T @ i_star)  # whiten, orthonormalise
-        _check_independent(r=r)
+        q, _ = torch.linalg.qr(root.T @ i_star)  # whiten, orthonormalise
         u = torch.linalg.solve_triangular(root.T, q, upper=True)  # L^-T Q
         a = c_inv @ u
     to = {"dtype": dtype}
     return Basis(u.to(**to), a.to(**to), gate.to(**to), beta.to(**to).reshape(n), tau.to(**to).reshape(n))
 
 
-def _check_independent(whitened: torch.Tensor | None = None, *, r: torch.Tensor | None = None) -> None:
-    if r is None:
-        _, r = torch.linalg.qr(whitened)
-    diag = r.diagonal().abs()
-    if diag.min() < DEPENDENCE_TOL * diag.max():
+def check_composable(targets: torch.Tensor, root: torch.Tensor, names: list[str] | None = None) -> None:
+    """Refuse a set of concepts (target inputs `targets` [N, D], C^-1 = root root^T) whose edits cannot be
+    composed, naming the concepts involved when `names` are given:
+
+    - N >= D: the target inputs would span every D-dimensional encoding, so the projector is the identity and
+      the edit removes the base's own output W e at every position (N > D are also dependent, but a QR of a
+      D x N matrix only has D pivots to look at, so the dependence test below would miss them);
+    - numerically linearly dependent target inputs (in the C^-1 geometry): the projector onto their span
+      cannot tell the concepts apart. Named: the first concept whose i* lies in the span of the ones before
+      it, and those of them it mostly consists of.
+    """
+    n, d = targets.shape
+    label = list(names) if names is not None else [f"concept {k + 1}" for k in range(n)]
+    if n >= d:
         raise IncompatibleConcepts(
-            "the concepts' target inputs are (numerically) linearly dependent, so their edits cannot be "
-            "separated; compose fewer concepts or retrain one of them"
+            f"{n} concepts cannot be composed on a {d}-dimensional text encoder: at most {d - 1} (with {d} or "
+            "more their target inputs span every encoding and the edit would remove the base's own output); "
+            "compose fewer concepts"
         )
+    if n < 2:
+        return
+    _, r = torch.linalg.qr(root.T.to(torch.float64) @ targets.to(torch.float64).T)  # whitened i*'s
+    diag = r.diagonal().abs()
+    small = (diag < DEPENDENCE_TOL * diag.max()).nonzero().flatten().tolist()
+    if not small:
+        return
+    j = small[0]
+    if j == 0:  # the first i* is ~0 next to the others
+        raise IncompatibleConcepts(f"{label[0]}'s target input is (numerically) zero next to the others'; "
+                                   "retrain it or compose it without them")
+    # whitened i*_j = sum_k c_k whitened i*_k (k < j) up to R_jj: name the concepts with a real share of it
+    coeff = torch.linalg.solve_triangular(r[:j, :j], r[:j, j : j + 1], upper=True).flatten()
+    share = coeff.abs() * r[:j, :j].norm(dim=0)
+    involved = [label[k] for k in range(j) if share[k] > 1e-3 * share.max()] + [label[j]]
+    who = " and ".join(involved) if len(involved) <= 2 else ", ".join(involved[:-1]) + " and " + involved[-1]
+    raise IncompatibleConcepts(
+        f"{who} have (numerically) linearly dependent target inputs, so their edits cannot be separated; "
+        "compose fewer concepts or retrain one of them"
+    )
 
 
 def gates(e32: torch.Tensor, basis: Basis) -> torch.Tensor:

@@ -21,7 +21,12 @@ from perfusion_hub.bases import compute_digest
 from perfusion_hub.concept import Concept, check_fits_base, load_concept
 from perfusion_hub.covariance import Covariance
 from perfusion_hub.errors import IncompatibleConcepts
-from perfusion_hub.processor import ConceptState, PerfusionRuntime, cross_attention_modules
+from perfusion_hub.processor import (
+    ConceptState,
+    PerfusionRuntime,
+    check_concepts_composable,
+    cross_attention_modules,
+)
 
 
 def runtime_of(pipe) -> PerfusionRuntime | None:
@@ -50,12 +55,25 @@ def load_concepts(
     covariance,
     base_name: str | None = None,
     compatible_bases: Iterable[str] = (),
-    exact: bool = True,
+    exact: bool | None = None,
 ) -> list[str]:
     """Load concepts (files, bytes or Concept objects) into `pipe`; returns their names.
 
-    `covariance` is the base's C (a Covariance, its file, or a tensor). A concept already loaded under the
-    same name is replaced. Nothing in the pipeline changes unless every concept passes its checks.
+    `covariance` is the base's C (a Covariance, its file, or a tensor). All concepts of a pipeline share one
+    C, so a later call with another covariance is refused (IncompatibleConcepts) while concepts are loaded:
+    unload them first to switch (the concepts were trained against their C; silently keeping the old one,
+    as before, or swapping it under them would both be wrong for one side). A copy of the same C (a
+    Covariance with the same base and corpus digests, recomputed elsewhere) counts as the same, and the
+    pipeline keeps its own.
+
+    `exact`: compose several concepts with the exact projector (True) or the cheaper per-concept subtraction
+    (False); it sets the mode of the whole pipeline, on a later call too. None keeps the current mode (exact
+    for the first call).
+
+    A concept already loaded under the same name is replaced. Nothing in the pipeline changes unless every
+    concept passes its checks; these include that the pipeline's concepts after the call can be composed
+    with each other (fewer of them than the text encodings have dimensions, and no numerically dependent
+    target inputs: errors name them).
     """
     items = [c if isinstance(c, Concept) else load_concept(c) for c in concepts]
     cov = _as_covariance(covariance)
@@ -66,6 +84,12 @@ def load_concepts(
         check_fits_base(c, base_name=base_name or "the pipeline's base", base_digest=digest, dim=dim,
                         layers=layers, compatible=set(compatible_bases))
     rt = runtime_of(pipe)
+    if rt is not None and not rt.uses_covariance(cov.matrix, (cov.base_digest, cov.corpus_digest)):
+        raise IncompatibleConcepts(
+            f"this pipeline's concepts ({', '.join(rt.concepts)}) were loaded with another covariance, and all "
+            "concepts of a pipeline share one; pass the same covariance, or unload them first (unload_concepts) "
+            "to load concepts with this one"
+        )
     corpora = {c.metadata["corpus_digest"] for c in items} | ({rt.corpus_digest} if rt else set())
     if cov.corpus_digest:
         corpora.add(cov.corpus_digest)
@@ -79,10 +103,13 @@ def load_concepts(
         raise IncompatibleConcepts(f"two concepts use the same token: {triggers}")
     if len({c.name for c in items}) != len(items):
         raise IncompatibleConcepts("the same concept name was given twice")
+    after = {n: s.target_input for n, s in (rt.concepts.items() if rt else ()) if n not in {c.name for c in items}}
+    check_concepts_composable(after | {c.name: c.target_input for c in items}, cov.matrix)
 
     if rt is None:
-        rt = PerfusionRuntime(pipe.unet, cov.matrix, exact=exact,
-                              gate_positions=getattr(pipe, "_pfx_gate_positions", "all"))
+        rt = PerfusionRuntime(pipe.unet, cov.matrix, exact=True if exact is None else exact,
+                              gate_positions=getattr(pipe, "_pfx_gate_positions", "all"),
+                              covariance_identity=(cov.base_digest, cov.corpus_digest))
         rt.corpus_digest = next(iter(corpora))
         rt.eos_id = pipe.tokenizer.eos_token_id
         pipe.unet._pfx_runtime = rt
@@ -94,6 +121,8 @@ def load_concepts(
     taken = [c.trigger for c in items if c.trigger in vocab]
     if taken:
         raise IncompatibleConcepts(f"token {taken[0]} is already in use by the tokenizer")
+    if exact is not None:
+        rt.set_exact(exact)
     add_tokens(pipe, [c.trigger for c in items], [c.token_embedding for c in items])
     for c in items:
         rt.add(ConceptState(

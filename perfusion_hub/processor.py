@@ -11,18 +11,27 @@ works after `load_concepts`).
 
 At inference the edited text K/V are computed once per prompt and reused across denoising steps: the
 pipeline passes the same `encoder_hidden_states` tensor at every step, so the cache is keyed by that
-object (a strong reference is held, so the key cannot be recycled) and by the runtime's version, which
-any change of concepts, gates or weights bumps. The cache is bypassed whenever gradients are enabled.
+object (a strong reference is held, so the key cannot be recycled), by the runtime's version, which
+any change of concepts, gates or weights bumps, and by the global key-locking state (`set_global_lock`), which
+changes what the keys are for the same encodings. The cache is bypassed whenever gradients are enabled.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from perfusion_hub.edit import Basis, edit_terms, edited_projection, inverse_and_root, make_basis
+from perfusion_hub.edit import (
+    Basis,
+    check_composable,
+    edit_terms,
+    edited_projection,
+    inverse_and_root,
+    make_basis,
+)
 from perfusion_hub.errors import IncompatibleConcepts
 
 GATE_POSITIONS = ("all", "prompt", "span")
@@ -46,18 +55,32 @@ def cross_attention_modules(unet) -> dict[str, torch.nn.Module]:
 _FACTORS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def covariance_key(covariance: torch.Tensor) -> str:
+    """sha1 of the covariance's fp64 bytes: which matrix a runtime was built with."""
+    import hashlib
+
+    return hashlib.sha1(covariance.detach().cpu().double().contiguous().numpy().tobytes()).hexdigest()
+
+
 def _factor(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """C^-1 and its Cholesky root, cached by the covariance's bytes (a runtime is rebuilt whenever all
     concepts are unloaded; the factorisation of a 768x768 matrix need not be)."""
-    import hashlib
-
     c = covariance.detach().cpu().double().contiguous()
-    key = hashlib.sha1(c.numpy().tobytes()).hexdigest()
+    key = covariance_key(c)
     if key not in _FACTORS:
         if len(_FACTORS) > 8:
             _FACTORS.pop(next(iter(_FACTORS)))
         _FACTORS[key] = inverse_and_root(c)
     return _FACTORS[key]
+
+
+def check_concepts_composable(targets: dict[str, torch.Tensor], covariance: torch.Tensor) -> None:
+    """edit.check_composable for concepts given as name -> target input i*, under this covariance (what
+    load_concepts checks before it changes anything in the pipeline)."""
+    if len(targets) < 2:
+        return
+    _, root = _factor(covariance)
+    check_composable(torch.stack([t.detach().cpu().double() for t in targets.values()]), root, list(targets))
 
 
 @dataclass
@@ -78,7 +101,9 @@ class ConceptState:
 
 
 class PerfusionRuntime:
-    def __init__(self, unet, covariance: torch.Tensor, *, exact: bool = True, gate_positions: str = "all"):
+    def __init__(self, unet, covariance: torch.Tensor, *, exact: bool = True, gate_positions: str = "all",
+                 covariance_identity: tuple[str, str] = ("", "")):
+        """`covariance_identity`: (base digest, corpus digest) of the covariance when known (uses_covariance)."""
         if gate_positions not in GATE_POSITIONS:
             raise ValueError(f"gate_positions must be one of {GATE_POSITIONS}")
         self.unet = unet
@@ -100,12 +125,12 @@ class PerfusionRuntime:
         if not self.layers:
             raise IncompatibleConcepts("this UNet has no cross-attention modules to edit")
         self.c_inv, self.root = _factor(covariance)
+        self.covariance_key, self.covariance_identity = covariance_key(covariance), tuple(covariance_identity)
         self.dim = self.c_inv.shape[0]
         self.exact = exact
         self.concepts: dict[str, ConceptState] = {}
         self.training = False
-        self.global_lock = False
-        self.key_states: torch.Tensor | None = None  # global key-locking: encodings with superclass words
+        self._key_states: torch.Tensor | None = None  # global key-locking: encodings with superclass words
         self.gate_override: torch.Tensor | None = None  # tests: force gates open/shut
         self._explicit: list[str] | None = None
         self._seen: list[str] = []
@@ -148,6 +173,19 @@ class PerfusionRuntime:
             c.tau = float(tau)
         self.touch()
 
+    def set_exact(self, exact: bool) -> None:
+        """Compose several concepts with the exact projector (True) or the per-concept subtraction (False)."""
+        if bool(exact) != self.exact:
+            self.exact = bool(exact)
+            self.touch()
+
+    def uses_covariance(self, covariance: torch.Tensor, identity: tuple[str, str] = ("", "")) -> bool:
+        """Whether `covariance` is this runtime's C: the same matrix, or a copy with the same known (base digest,
+        corpus digest), which spec section 5 makes interchangeable (recomputed elsewhere: only rounding differs)."""
+        if all(identity) and tuple(identity) == self.covariance_identity:
+            return True
+        return covariance_key(covariance) == self.covariance_key
+
     def refresh_token_ids(self, tokenizer) -> None:
         """Token ids shift when another concept's token is removed from the tokenizer."""
         for c in self.concepts.values():
@@ -160,16 +198,51 @@ class PerfusionRuntime:
         self._layer_cache.clear()
         self._kv_cache.clear()
 
+    # ---- global key-locking ---------------------------------------------------------------------
+    @property
+    def global_lock(self) -> bool:
+        return self._key_states is not None
+
+    @property
+    def key_states(self) -> torch.Tensor | None:
+        return self._key_states
+
+    def set_global_lock(self, key_states: torch.Tensor | None) -> None:
+        """Global key-locking (spec section 3) for encodings of `key_states`' shape: the keys of every position
+        are W_K applied to `key_states` (the prompt's encodings with each concept token replaced by its
+        superclass word); the values stay edited. None: local key-locking (the default). Cached text K/V are
+        dropped, so the same encodings give the keys of the mode now set."""
+        self._key_states = key_states
+        self._kv_cache.clear()
+
+    @contextmanager
+    def global_locked(self, key_states: torch.Tensor):
+        """set_global_lock(key_states) for the block; local key-locking again after it, however it ends."""
+        self.set_global_lock(key_states)
+        try:
+            yield self
+        finally:
+            self.set_global_lock(None)
+
     # ---- activation -----------------------------------------------------------------------------
     def activate(self, names: list[str] | None) -> None:
-        """Use exactly these concepts (None: detect them from the prompt's tokens)."""
+        """Use exactly these concepts (None: detect them from the prompt's tokens). A set that cannot be composed
+        is refused here (check_composable), before any UNet call."""
         if names is not None:
             unknown = [n for n in names if n not in self.concepts]
             if unknown:
                 raise KeyError(f"concepts not loaded: {', '.join(unknown)}")
             names = list(dict.fromkeys(names))
+            self.check_composable(names)
         self._explicit = names
         self._kv_cache.clear()
+
+    def check_composable(self, names: list[str]) -> None:
+        """Refuse (IncompatibleConcepts, naming them) concepts that cannot be composed: as many as the encodings
+        have dimensions, or numerically dependent target inputs (edit.check_composable)."""
+        if len(names) > 1:
+            check_composable(torch.stack([self.concepts[n].target_input.detach().cpu().double() for n in names]),
+                             self.root, names)
 
     def active(self) -> list[str]:
         return self._explicit if self._explicit is not None else self._seen
@@ -201,7 +274,7 @@ class PerfusionRuntime:
         targets = torch.stack([c.target_input.detach().cpu().double() for c in cs])
         beta = torch.tensor([c.beta for c in cs], dtype=torch.float64)
         tau = torch.tensor([c.tau for c in cs], dtype=torch.float64)
-        b = make_basis(targets, self.c_inv, self.root, beta, tau, exact=self.exact)
+        b = make_basis(targets, self.c_inv, self.root, beta, tau, exact=self.exact, names=[c.name for c in cs])
         b = Basis(*(t.to(device) for t in (b.U, b.A, b.G, b.beta, b.tau)))
         self._basis_cache = (key, b)
         return b
@@ -299,20 +372,21 @@ class PerfusionRuntime:
         cacheable = not self.training and not torch.is_grad_enabled()
         if cacheable:
             hit = self._kv_cache.get(path)
-            if hit is not None and hit[0] is ehs and hit[1] == (self.version, tuple(names)):
+            if (hit is not None and hit[0] is ehs and hit[1] == (self.version, tuple(names))
+                    and hit[4] is self._key_states):
                 return hit[2], hit[3]
         basis = self.basis(names, ehs.device)
         wk_u, wv_u, o_k, o_v = self.layer_terms(path, attn, names, basis)
         override, (pos, at) = self.gate_override, self.positions(ehs, names)
-        if self.global_lock and self.key_states is not None and self.key_states.shape == ehs.shape:
-            key = attn.to_k(self.key_states)
+        if self._key_states is not None and self._key_states.shape == ehs.shape:
+            key = attn.to_k(self._key_states)
         else:
             key = edited_projection(attn.to_k(ehs), ehs, basis, wk_u, o_k, gate_override=override,
                                     positions=pos, gates_at=at).to(ehs.dtype)
         value = edited_projection(attn.to_v(ehs), ehs, basis, wv_u, o_v, gate_override=override,
                                   positions=pos, gates_at=at).to(ehs.dtype)
         if cacheable:
-            self._kv_cache[path] = (ehs, (self.version, tuple(names)), key, value)
+            self._kv_cache[path] = (ehs, (self.version, tuple(names)), key, value, self._key_states)
         return key, value
 
     # ---- installation ---------------------------------------------------------------------------

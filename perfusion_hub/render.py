@@ -109,8 +109,7 @@ def render(
             pos, neg = pipe.encode_prompt(parsed.text, pipe.device, 1, cfg, negative_prompt)
             pos_sup, neg_sup = pipe.encode_prompt(parsed.superclass_text, pipe.device, 1, cfg, negative_prompt)
             keys = pos_sup.expand(count, -1, -1)
-            rt.key_states = torch.cat([neg_sup.expand(count, -1, -1), keys]) if cfg else keys
-            rt.global_lock = True
+            rt.set_global_lock(torch.cat([neg_sup.expand(count, -1, -1), keys]) if cfg else keys)
             out = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, **common)
         elif fast is not None:
             cfg = guidance > 1
@@ -121,7 +120,7 @@ def render(
             out = pipe(prompt=parsed.text, negative_prompt=negative_prompt, **common)
     finally:
         if rt is not None:
-            rt.global_lock, rt.key_states = False, None
+            rt.set_global_lock(None)
             rt.activate(None)
     params = {
         "prompt": prompt, "text": parsed.text, "seed": seed, "steps": steps, "guidance": guidance,

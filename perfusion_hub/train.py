@@ -9,6 +9,14 @@ Speed choices (the base and the UNet's own cost dominate): VAE latents of every 
 computed once; the text encoder runs once per micro-batch on the distinct templates only; all sampling
 (images, flips, templates, noise, timesteps) comes from one seeded CPU generator, so a run is
 deterministic on CPU and a resumed run continues exactly where the checkpoint left off.
+
+Precision: in fp16 the loss is scaled dynamically (`_LossScale`) so that the small gradients flowing back through
+the fp16 UNet do not underflow; fp32 and bf16 runs are not scaled (bf16 has fp32's range).
+
+Target: what the base's UNet was trained to predict, read from its scheduler's `prediction_type`: "epsilon"
+(the noise; SD1.x, the toy base) or "v_prediction" (the velocity sqrt(a) noise - sqrt(1 - a) x0; SD2.x 768).
+Training a v-prediction UNet towards the noise would teach the concept to produce wrong images, so any other
+type ("sample", ...) is refused before training starts.
 """
 
 from __future__ import annotations
@@ -73,6 +81,61 @@ class TrainConfig:
 
 
 METHODS = ("perfusion", "trained_keys", "embedding_only", "full_kv")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+class _LossScale:
+    """Dynamic loss scaling for fp16 training (what torch.amp.GradScaler does, in plain tensor ops that run on
+    every device, MPS included, with a state of two numbers that a checkpoint carries).
+
+    Why: the UNet runs in fp16, and the gradient entering it is tiny (d mean(err^2) / d pred = 2 err / N, with
+    N = 16 x 4 x 64 x 64 for SD1.5's batch: ~1e-5), so much of the backward pass underflows fp16 (below 6e-5
+    it loses precision, below 6e-8 it is zero). The loss is multiplied by `scale` before backward and the
+    gradients (of fp32 parameters) are divided by it before the optimizer step; the scale is a power of two, so
+    both are exact. A step whose gradients hold inf or NaN (the scale was too high) is skipped and the scale
+    halved; after GROWTH_INTERVAL good steps in a row it doubles. A skipped step changes nothing (parameters, i*,
+    optimizer state) but uses up its part of the sampling plan. Disabled (fp32, bf16): no scaling, no
+    checks, no host sync, so those runs compute exactly what they computed before scaling existed.
+    """
+
+    INIT = 2.0**16  # GradScaler's default: 2 err / N x 65536 is ~1 at SD1.5's batch
+    GROWTH_INTERVAL = 200
+    MIN = 1.0  # below this even unscaled fp16 gradients overflow: the forward itself does
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.scale = self.INIT if enabled else 1.0
+        self.good_steps = 0
+
+    def __call__(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale if self.enabled else loss
+
+    def unscale(self, grads: list[torch.Tensor | None]) -> bool:
+        """Divide the (summed, all-reduced) gradients by the scale and update it; False: skip this step."""
+        if not self.enabled:
+            return True
+        grads = [g for g in grads if g is not None]
+        inv = 1.0 / self.scale
+        for g in grads:
+            g.mul_(inv)
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+        if finite:
+            self.good_steps += 1
+            if self.good_steps >= self.GROWTH_INTERVAL:
+                self.scale, self.good_steps = self.scale * 2, 0
+        else:
+            self.scale, self.good_steps = self.scale / 2, 0
+            if self.scale < self.MIN:
+                raise BadInput("fp16 training overflows even without loss scaling (the UNet's fp16 forward "
+                               "gives inf or NaN); train with --dtype bf16 or fp32")
+        return finite
+
+    def state(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load(self, state: dict | None) -> None:
+        if self.enabled and state:
+            self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
 
 
 @dataclass
@@ -199,6 +262,11 @@ def train_concept(
             warn(msg)
 
     super_id = check_superclass(tok, superclass)
+    prediction = sched.config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES or (prediction == "v_prediction" and not hasattr(sched, "get_velocity")):
+        raise BadInput(f"this base's scheduler says its UNet predicts {prediction!r}; training supports bases that "
+                       f"predict {' or '.join(PREDICTION_TYPES)} (if the scheduler config is wrong, set its "
+                       "prediction_type to what the UNet was trained for)")
     photos = load_photos(photos_dir, base.resolution, warn=_warn)
     if covariance.base_digest and covariance.base_digest != base.digest:
         raise BadInput("the covariance was computed for another base; recompute it for this one")
@@ -275,13 +343,14 @@ def train_concept(
         hook = _EmbeddingOverride(te.get_input_embeddings(), token_id, embedding)
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
         gen = torch.Generator(device).manual_seed(cfg.seed)  # noise, drawn where it is used
+        scaler = _LossScale(enabled=dtype == torch.float16)
         step, losses = 0, []
         ckpt_meta = _checkpoint_meta(name, superclass, photos, cfg, base_digest)
         ckpt = Path(checkpoint_path) if checkpoint_path else None
         if ckpt and cfg.method != "perfusion":
             raise BadInput("checkpoints are only kept for the perfusion method")
         if resume and ckpt and ckpt.exists():
-            step, losses = _load_checkpoint(ckpt, ckpt_meta, values, embedding, state, opt, gen)
+            step, losses = _load_checkpoint(ckpt, ckpt_meta, values, embedding, state, opt, gen, scaler)
         unet_fn = unet
         if fast:
             if device.type == "cuda":
@@ -336,21 +405,23 @@ def train_concept(
                 if fast and device.type == "cuda":
                     noisy = noisy.contiguous(memory_format=torch.channels_last)
                 pred = unet_fn(noisy, timesteps, ehs.to(dtype)).sample.float()
-                err = (pred - noise) ** 2
+                target = noise if prediction == "epsilon" else sched.get_velocity(latents, noise, timesteps)
+                err = (pred - target) ** 2
                 if masks is not None:
                     m = masks[idx]
                     loss = ((err * m).sum((1, 2, 3)) / (m.sum((1, 2, 3)) * err.shape[1]).clamp_min(1e-6)).mean()
                 else:
                     loss = err.mean()
-                (loss * (b / cfg.batch_size)).backward()
+                scaler(loss * (b / cfg.batch_size)).backward()
                 step_loss += loss.detach() * (b / cfg.batch_size)
-            if world > 1:
+            if world > 1:  # scaled gradients: every process then sees the same inf/NaN and skips the same steps
                 _all_reduce_sum([p.grad for p in params] + [concept_enc, step_loss])
-            opt.step()
-            with torch.no_grad():
-                if cap:
-                    embedding.mul_((cap / embedding.norm()).clamp(max=1.0))
-                state.target_input = cfg.ema * state.target_input + (1 - cfg.ema) * concept_enc / cfg.batch_size
+            if scaler.unscale([p.grad for p in params]):  # fp16 overflow: this step changes nothing
+                opt.step()
+                with torch.no_grad():
+                    if cap:
+                        embedding.mul_((cap / embedding.norm()).clamp(max=1.0))
+                    state.target_input = cfg.ema * state.target_input + (1 - cfg.ema) * concept_enc / cfg.batch_size
             if rt is not None:
                 rt.touch()
             step += 1
@@ -359,7 +430,7 @@ def train_concept(
                 flush()
             if ckpt and (step % cfg.checkpoint_every == 0) and step < cfg.steps and rank == 0:
                 flush()
-                _save_checkpoint(ckpt, ckpt_meta, step, losses, values, embedding, state, opt, gen)
+                _save_checkpoint(ckpt, ckpt_meta, step, losses, values, embedding, state, opt, gen, scaler)
     finally:
         if hook is not None:
             hook.remove()
@@ -487,7 +558,7 @@ def _concept_metadata(name, version, superclass, trigger, base, cov, cfg, photos
     }
 
 
-def _save_checkpoint(path: Path, meta, step, losses, values, embedding, state, opt, gen):
+def _save_checkpoint(path: Path, meta, step, losses, values, embedding, state, opt, gen, scaler: _LossScale):
     from safetensors.torch import save
 
     tensors = {f"value.{p}": v.detach().cpu() for p, v in values.items()}
@@ -503,10 +574,12 @@ def _save_checkpoint(path: Path, meta, step, losses, values, embedding, state, o
         if "step" in st:
             tensors[f"opt.{i}.step"] = torch.as_tensor(st["step"]).reshape(1).float().cpu()
     body = dict(meta, step=step, losses=losses)
+    if scaler.enabled:
+        body["loss_scale"] = scaler.state()
     atomic_write_bytes(path, save(tensors, metadata={"pfx_checkpoint": json.dumps(body)}))
 
 
-def _load_checkpoint(path: Path, meta, values, embedding, state, opt, gen):
+def _load_checkpoint(path: Path, meta, values, embedding, state, opt, gen, scaler: _LossScale):
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -521,6 +594,7 @@ def _load_checkpoint(path: Path, meta, values, embedding, state, opt, gen):
         embedding.copy_(tensors["embedding"])
     state.target_input = tensors["target_input"].float().to(embedding.device)
     gen.set_state(tensors["generator"])
+    scaler.load(body.get("loss_scale"))
     params = list(values.values()) + [embedding]
     for i, p in enumerate(params):
         if f"opt.{i}.exp_avg" in tensors:

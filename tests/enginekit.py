@@ -62,3 +62,40 @@ def photo_folder(folder: Path, n: int = 4, *, seed: int = 0, size=(80, 64)) -> P
         d.ellipse((x, 12, x + 30, 42), fill=(250, 140, 20))
         im.save(folder / f"photo{i}.png")
     return folder
+
+
+
+def tiny_base(toy_base, dtype: torch.dtype, *, seed: int = 0, out_scale: float = 1 / 64):
+    """A base made of the toy base's tokenizer and text encoder, a small random VAE and a small random UNet
+    (seeded: every call gives the same weights), all in `dtype` on CPU: cheap to train in fp16 on a CPU.
+
+    `out_scale` scales the UNet's output layer. The gradient entering the UNet's body is d mean(err^2) / d pred =
+    2 err / N times that layer's weights; N is 4 x 4 x 16 x 16 for a batch of 4 here and 16 x 4 x 64 x 64 (64x
+    more) for SD1.5's batch, so with 1/64 the body sees gradients of SD1.5's magnitude: the ones fp16 loses.
+    """
+    import copy
+
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from perfusion_hub.bases import Base, BaseSpec
+
+    src = toy_base.pipe
+    cfg = dict(src.unet.config)
+    cfg.update(block_out_channels=[8, 16], norm_num_groups=8, attention_head_dim=4,
+               down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+               up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(cfg)
+        vae = AutoencoderKL(block_out_channels=[8, 8, 8], down_block_types=["DownEncoderBlock2D"] * 3,
+                            up_block_types=["UpDecoderBlock2D"] * 3, norm_num_groups=8, sample_size=64)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(out_scale)
+        unet.conv_out.bias.mul_(out_scale)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=copy.deepcopy(src.text_encoder),
+                                   tokenizer=copy.deepcopy(src.tokenizer), unet=unet,
+                                   scheduler=DDIMScheduler.from_config(src.scheduler.config), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to("cpu", dtype)
+    return Base(BaseSpec("dir", str(TOY), f"tiny-{str(dtype).split('.')[-1]}"), pipe, "cpu", dtype)
