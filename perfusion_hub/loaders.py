@@ -56,6 +56,7 @@ def load_concepts(
     base_name: str | None = None,
     compatible_bases: Iterable[str] = (),
     exact: bool | None = None,
+    runtime_class: type[PerfusionRuntime] = PerfusionRuntime,
 ) -> list[str]:
     """Load concepts (files, bytes or Concept objects) into `pipe`; returns their names.
 
@@ -69,6 +70,9 @@ def load_concepts(
     `exact`: compose several concepts with the exact projector (True) or the cheaper per-concept subtraction
     (False); it sets the mode of the whole pipeline, on a later call too. None keeps the current mode (exact
     for the first call).
+
+    `runtime_class`: the runtime created for a pipeline that has none yet (a PerfusionRuntime subclass changes
+    how key targets are formed: research variants, e.g. toyworld.ablations).
 
     A concept already loaded under the same name is replaced. Nothing in the pipeline changes unless every
     concept passes its checks; these include that the pipeline's concepts after the call can be composed
@@ -107,7 +111,7 @@ def load_concepts(
     check_concepts_composable(after | {c.name: c.target_input for c in items}, cov.matrix)
 
     if rt is None:
-        rt = PerfusionRuntime(pipe.unet, cov.matrix, exact=True if exact is None else exact,
+        rt = runtime_class(pipe.unet, cov.matrix, exact=True if exact is None else exact,
                               gate_positions=getattr(pipe, "_pfx_gate_positions", "all"),
                               covariance_identity=(cov.base_digest, cov.corpus_digest))
         rt.corpus_digest = next(iter(corpora))

@@ -96,8 +96,6 @@ class ConceptState:
     beta: float
     tau: float
     metadata: dict[str, str] = field(default_factory=dict)
-    # the "trained keys" ablation only (toyworld/quality.py): attn2 path -> o*_K [d_l] instead of W_K i_super
-    key_targets: dict[str, torch.Tensor] | None = None
 
 
 class PerfusionRuntime:
@@ -299,17 +297,20 @@ class PerfusionRuntime:
             return cached[1]
         wk = attn.to_k.weight.detach().float()
         wv = attn.to_v.weight.detach().float()
-        cs = [self.concepts[n] for n in names]
-        supers = torch.stack([c.superclass_input.detach().to(wk.device).float() for c in cs])
-        o_k = supers @ wk.T  # key-locking: o*_K = W_K i_super (frozen)
-        if any(c.key_targets is not None for c in cs):  # the trained-keys ablation
-            o_k = torch.stack([c.key_targets[path].to(wk.device).float() if c.key_targets is not None else o_k[i]
-                               for i, c in enumerate(cs)])
+        o_k = self.key_targets(path, wk, names)
         o_v = torch.stack([self.concepts[n].value_targets[path].to(wk.device).float() for n in names])
         terms = (wk @ basis.U, wv @ basis.U, o_k, o_v)
         if not self.training:
             self._layer_cache[path] = (key, terms)
         return terms
+
+    def key_targets(self, path: str, wk: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """O_K [N, d] of one layer: key-locking, o*_K = W_K i_super, frozen (spec/perfusion.md section 3).
+
+        The one place a subclass may change how keys are targeted (research variants such as trained keys in
+        toyworld.ablations; pass the subclass to load_concepts(runtime_class=...))."""
+        supers = torch.stack([self.concepts[n].superclass_input.detach().to(wk.device).float() for n in names])
+        return supers @ wk.T
 
     def freeze_terms(self, names: list[str], device) -> None:
         """Training: compute every layer's terms once per forward, outside the UNet call.

@@ -72,15 +72,8 @@ class TrainConfig:
     previews: int = 2
     preview_steps: int = 25
     templates: tuple[str, ...] | None = None  # None: the base's own (pfx.json "templates"), else TEMPLATES
-    # Ablations measured by toyworld/quality.py (same loop, same budget); only "perfusion" writes a concept file:
-    #   "trained_keys":   key targets o*_K trained like the values instead of locked to W_K i_super;
-    #   "embedding_only": Textual-Inversion style, the token embedding alone, no edit;
-    #   "full_kv":        Custom-Diffusion style, the embedding plus every attn2 to_k/to_v weight, no edit.
-    method: str = "perfusion"
-    lr_kv: float = 2e-4  # full_kv: learning rate of the K/V weights
 
 
-METHODS = ("perfusion", "trained_keys", "embedding_only", "full_kv")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -146,7 +139,6 @@ class TrainResult:
     losses: list[float]
     seconds: float
     warnings: list[str] = field(default_factory=list)
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # ablations: trained keys or K/V weights
 
 
 def check_superclass(tokenizer, superclass: str) -> int:
@@ -162,7 +154,7 @@ def check_superclass(tokenizer, superclass: str) -> int:
     return ids[0]
 
 
-class _EmbeddingOverride:
+class EmbeddingOverride:
     """Forward hook on the token-embedding module: rows of `token_id` become the trainable vector."""
 
     def __init__(self, module, token_id: int, vector: torch.nn.Parameter):
@@ -183,13 +175,13 @@ class _EmbeddingOverride:
         self.post.remove()
 
 
-def _tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
+def tokenize(tokenizer, prompts: list[str], device) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids.to(device)
 
 
 @torch.no_grad()
-def _encode_latents(vae, photos, flip: bool, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def encode_latents(vae, photos, flip: bool, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Latent mean/std of every photo (and its mirror), plus masks at latent size."""
     import numpy as np
 
@@ -226,6 +218,69 @@ def _checkpoint_meta(name, superclass, photos, cfg: TrainConfig, base_digest) ->
     return json.loads(json.dumps(meta))  # as it will read back (tuples become lists)
 
 
+@dataclass
+class TrainingData:
+    """What stays fixed for a whole run: the photos' latents (and mirrors'), their masks, the sampling plan,
+    the superclass word's input embedding and its contextual encoding i_super, and the UNet's target type."""
+
+    photos: list
+    mean: torch.Tensor  # [images, C, h, w] scaled latent means
+    std: torch.Tensor
+    masks: torch.Tensor | None  # [images, 1, h, w] at latent size, or None
+    plan: dict[str, torch.Tensor]  # "image", "template", "timestep": [steps, batch], on the device
+    super_id: int
+    i_super: torch.Tensor  # [D] fp32
+    emb_init: torch.Tensor  # [D] fp32: the superclass word's input embedding, where the concept token starts
+    prediction: str  # "epsilon" or "v_prediction"
+
+
+def prepare_training(base, photos_dir: str | Path, superclass: str, cfg: TrainConfig, warn: Callable[[str], None]
+                     ) -> TrainingData:
+    """Check the inputs against the base and compute what a run keeps fixed (the base stays unchanged).
+
+    i_super is the superclass word's contextual encoding averaged over the first step's prompts
+    (spec/perfusion.md section 3); `cfg.templates` must be set."""
+    pipe = base.pipe
+    tok, te, sched = pipe.tokenizer, pipe.text_encoder, pipe.scheduler
+    device = torch.device(base.device)
+    super_id = check_superclass(tok, superclass)
+    prediction = sched.config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES or (prediction == "v_prediction" and not hasattr(sched, "get_velocity")):
+        raise BadInput(f"this base's scheduler says its UNet predicts {prediction!r}; training supports bases that "
+                       f"predict {' or '.join(PREDICTION_TYPES)} (if the scheduler config is wrong, set its "
+                       "prediction_type to what the UNet was trained for)")
+    photos = load_photos(photos_dir, base.resolution, warn=warn)
+    for m in (pipe.unet, pipe.vae, te):
+        m.requires_grad_(False)
+        m.eval()
+    mean, std, masks = encode_latents(pipe.vae, photos, cfg.flip, device, base.dtype)
+    plan = sampling_plan(cfg, mean.shape[0], sched.config.num_train_timesteps)
+    with torch.no_grad():
+        sup_ids = tokenize(tok, [cfg.templates[i].format(superclass) for i in plan["template"][0].tolist()], device)
+        i_super = te(sup_ids)[0].float()[sup_ids == super_id].mean(0)
+    emb_init = te.get_input_embeddings().weight[super_id].detach().float().clone()
+    return TrainingData(photos, mean, std, masks, {k: v.to(device) for k, v in plan.items()}, super_id, i_super,
+                        emb_init, prediction)
+
+
+def denoising_loss(unet_fn, sched, data: TrainingData, step: int, sl: slice, ehs: torch.Tensor,
+                   noise: torch.Tensor, eps: torch.Tensor, dtype, channels_last: bool = False) -> torch.Tensor:
+    """The (masked) diffusion loss of samples `sl` of step `step`: their latents noised to their timesteps,
+    the UNet's prediction against the noise or the velocity, as the base was trained."""
+    idx, timesteps = data.plan["image"][step, sl], data.plan["timestep"][step, sl]
+    latents = data.mean[idx] + data.std[idx] * eps
+    noisy = sched.add_noise(latents, noise, timesteps).to(dtype)
+    if channels_last:
+        noisy = noisy.contiguous(memory_format=torch.channels_last)
+    pred = unet_fn(noisy, timesteps, ehs.to(dtype)).sample.float()
+    target = noise if data.prediction == "epsilon" else sched.get_velocity(latents, noise, timesteps)
+    err = (pred - target) ** 2
+    if data.masks is None:
+        return err.mean()
+    m = data.masks[idx]
+    return ((err * m).sum((1, 2, 3)) / (m.sum((1, 2, 3)) * err.shape[1]).clamp_min(1e-6)).mean()
+
+
 def train_concept(
     base,
     photos_dir: str | Path,
@@ -244,7 +299,21 @@ def train_concept(
     description: str = "",
     fast: bool = False,
 ) -> TrainResult:
-    """Train `name` from the photos in `photos_dir` on `base` (a perfusion_hub.bases.Base)."""
+    """Train `name` from the photos in `photos_dir` on `base` (a perfusion_hub.bases.Base).
+
+    Parameters:
+        covariance: the base's C (perfusion_hub.covariance), computed over a caption corpus.
+        out_path: where the concept file is written (atomically); previews go beside it.
+        config: the recipe (TrainConfig; spec/perfusion.md section 6 defaults).
+        checkpoint_path, resume: a checkpoint every `config.checkpoint_every` steps; `resume` continues the
+            same run (same name, photos and settings) exactly where it stopped.
+        progress: called after every reported step with (step, steps, loss).
+        fast: compile the UNet (same math, fused kernels; for GPUs).
+
+    Example:
+        res = train_concept(load_base("toy"), "photos/", name="cat-mittens", superclass="cat",
+                            covariance=C, out_path="cat-mittens.safetensors")
+    """
     cfg = config or TrainConfig()
     t0 = time.perf_counter()
     pipe = base.pipe
@@ -252,7 +321,7 @@ def train_concept(
         cfg = replace(cfg, templates=tuple(getattr(pipe, "_pfx_templates", None) or TEMPLATES))
     if cfg.embedding_norm is None:
         cfg = replace(cfg, embedding_norm=float(getattr(pipe, "_pfx_embedding_norm", 0.0)))
-    tok, te, unet, vae, sched = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae, pipe.scheduler
+    tok, te, unet, sched = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.scheduler
     device, dtype = torch.device(base.device), base.dtype
     warnings_seen: list[str] = []
 
@@ -261,37 +330,16 @@ def train_concept(
         if warn:
             warn(msg)
 
-    super_id = check_superclass(tok, superclass)
-    prediction = sched.config.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES or (prediction == "v_prediction" and not hasattr(sched, "get_velocity")):
-        raise BadInput(f"this base's scheduler says its UNet predicts {prediction!r}; training supports bases that "
-                       f"predict {' or '.join(PREDICTION_TYPES)} (if the scheduler config is wrong, set its "
-                       "prediction_type to what the UNet was trained for)")
-    photos = load_photos(photos_dir, base.resolution, warn=_warn)
     if covariance.base_digest and covariance.base_digest != base.digest:
         raise BadInput("the covariance was computed for another base; recompute it for this one")
-    base_digest = base.digest
     trigger = f"<{name}>"
     if trigger in tok.get_vocab():
         raise BadInput(f"token {trigger} is already in the tokenizer (a concept of that name is loaded)")
-
-    for m in (unet, vae, te):
-        m.requires_grad_(False)
-        m.eval()
+    data = prepare_training(base, photos_dir, superclass, cfg, _warn)
+    i_super, emb_init = data.i_super, data.emb_init
     micro = cfg.micro_batch or (16 if device.type == "cuda" or base.resolution <= 128 else 4)
     micro = max(1, min(micro, cfg.batch_size))
 
-    mean, std, masks = _encode_latents(vae, photos, cfg.flip, device, dtype)
-    n_lat = mean.shape[0]
-
-    # i_super: the superclass word's contextual encoding, averaged over the first batch's prompts.
-    plan = _plan(cfg, n_lat, sched.config.num_train_timesteps)
-    with torch.no_grad():
-        sup_ids = _tokenize(tok, [cfg.templates[i].format(superclass) for i in plan["template"][0].tolist()], device)
-        enc = te(sup_ids)[0].float()
-        i_super = enc[sup_ids == super_id].mean(0)
-
-    emb_init = te.get_input_embeddings().weight[super_id].detach().float().clone()
     # concepts loaded in this pipeline (a render keeps them) must not take part: the training runtime below
     # would find their processors installed and never see its own concept
     restore = suspend(pipe)
@@ -301,59 +349,39 @@ def train_concept(
         restore()
         raise
     rt = hook = None
-    kv_saved, extra = {}, {}
     try:
         token_id = tok.convert_tokens_to_ids(trigger)
-        template_ids = _tokenize(tok, [t.format(trigger) for t in cfg.templates], device)
+        template_ids = tokenize(tok, [t.format(trigger) for t in cfg.templates], device)
         positions = (template_ids == token_id).float().argmax(1)  # where the concept token sits, per template
         rows = torch.arange(len(cfg.templates), device=device)
-        idx_plan, tpl_plan, ts_plan = (plan[k].to(device) for k in ("image", "template", "timestep"))
 
-        if cfg.method not in METHODS:
-            raise BadInput(f"unknown training method {cfg.method!r}; one of {', '.join(METHODS)}")
         rt = PerfusionRuntime(unet, covariance.matrix, gate_positions=getattr(pipe, "_pfx_gate_positions", "all"))
         rt.eos_id = tok.eos_token_id
         pos_buffers: dict[int, tuple] = {}  # one per micro-batch size: a compiled UNet sees the same tensors
-        layers = rt.layers
-        values = {p: torch.nn.Parameter(a.to_v.weight.detach().float() @ i_super) for p, a in layers.items()}
+        values = {p: torch.nn.Parameter(a.to_v.weight.detach().float() @ i_super) for p, a in rt.layers.items()}
         embedding = torch.nn.Parameter(emb_init.to(device))
         state = ConceptState(name, trigger, token_id, i_super.clone(), i_super.clone(), values, cfg.train_beta,
                              cfg.train_tau)
-        groups = [{"params": [embedding], "lr": cfg.lr_embedding}]
-        if cfg.method in ("perfusion", "trained_keys"):
-            groups.append({"params": list(values.values()), "lr": cfg.lr_values})
-            if cfg.method == "trained_keys":
-                state.key_targets = {p: torch.nn.Parameter(a.to_k.weight.detach().float() @ i_super)
-                                     for p, a in layers.items()}
-                groups.append({"params": list(state.key_targets.values()), "lr": cfg.lr_values})
-            rt.add(state)
-            rt.training = True
-            rt.install()
-            rt.activate([name])
-            masks_all = rt.masks_from_ids(template_ids, [name])  # per template: edited positions, gate positions
-        else:
-            if cfg.method == "full_kv":
-                kv_saved = {f"{p}.{w}": getattr(a, w).weight.detach().clone() for p, a in layers.items()
-                            for w in ("to_k", "to_v")}
-                kv = [getattr(a, w).weight for a in layers.values() for w in ("to_k", "to_v")]
-                for w in kv:
-                    w.requires_grad_(True)
-                groups.append({"params": kv, "lr": cfg.lr_kv})
-            rt = None
-        hook = _EmbeddingOverride(te.get_input_embeddings(), token_id, embedding)
+        groups = [{"params": [embedding], "lr": cfg.lr_embedding},
+                  {"params": list(values.values()), "lr": cfg.lr_values}]
+        rt.add(state)
+        rt.training = True
+        rt.install()
+        rt.activate([name])
+        masks_all = rt.masks_from_ids(template_ids, [name])  # per template: edited positions, gate positions
+        hook = EmbeddingOverride(te.get_input_embeddings(), token_id, embedding)
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
         gen = torch.Generator(device).manual_seed(cfg.seed)  # noise, drawn where it is used
         scaler = _LossScale(enabled=dtype == torch.float16)
         step, losses = 0, []
-        ckpt_meta = _checkpoint_meta(name, superclass, photos, cfg, base_digest)
+        ckpt_meta = _checkpoint_meta(name, superclass, data.photos, cfg, base.digest)
         ckpt = Path(checkpoint_path) if checkpoint_path else None
-        if ckpt and cfg.method != "perfusion":
-            raise BadInput("checkpoints are only kept for the perfusion method")
         if resume and ckpt and ckpt.exists():
             step, losses = _load_checkpoint(ckpt, ckpt_meta, values, embedding, state, opt, gen, scaler)
         unet_fn = unet
+        channels_last = fast and device.type == "cuda"
         if fast:
-            if device.type == "cuda":
+            if channels_last:
                 unet.to(memory_format=torch.channels_last)
             unet_fn = _fast_unet(unet)
         # Reading a loss back waits for the GPU; on CUDA do it every few steps so the host keeps queueing.
@@ -373,45 +401,33 @@ def train_concept(
         share = cfg.batch_size // world  # this process's samples of every step: [rank*share, (rank+1)*share)
         params = [p for g in groups for p in g["params"]]
         cap = cfg.embedding_norm * float(emb_init.norm())
+        lat_shape = (cfg.batch_size, *data.mean.shape[1:])
         while step < cfg.steps:
             opt.zero_grad(set_to_none=True)
             concept_enc = torch.zeros(te.config.hidden_size, dtype=torch.float32, device=device)
             step_loss = torch.zeros((), device=device)
             # the whole batch's noise on every process (same generator), so N processes = one process
-            noise_all = torch.randn((cfg.batch_size, *mean.shape[1:]), generator=gen, device=device)
-            eps_all = torch.randn((cfg.batch_size, *mean.shape[1:]), generator=gen, device=device)
+            noise_all = torch.randn(lat_shape, generator=gen, device=device)
+            eps_all = torch.randn(lat_shape, generator=gen, device=device)
             for start in range(rank * share, (rank + 1) * share, micro):
                 sl = slice(start, min(start + micro, (rank + 1) * share))
                 b = sl.stop - sl.start
-                idx, tpl, timesteps = idx_plan[step, sl], tpl_plan[step, sl], ts_plan[step, sl]
+                tpl = data.plan["template"][step, sl]
                 enc_all = te(template_ids)[0]  # every template once: static shapes, no host round trip
-                ehs = enc_all[tpl]
                 with torch.no_grad():
                     at_token = enc_all.detach().float()[rows, positions]  # [templates, D]
                     concept_enc += at_token[tpl].sum(0)
-                if rt is not None:
-                    rt.freeze_terms([name], device)
-                    if rt.gate_positions != "all":
-                        if b not in pos_buffers:
-                            pos_buffers[b] = tuple(None if m is None else m.new_empty((b, *m.shape[1:]))
-                                                   for m in masks_all)
-                        for buf, m in zip(pos_buffers[b], masks_all):
-                            if m is not None:
-                                buf.copy_(m[tpl])
-                        rt.position_masks = pos_buffers[b]
-                noise, eps = noise_all[sl], eps_all[sl]
-                latents = mean[idx] + std[idx] * eps
-                noisy = sched.add_noise(latents, noise, timesteps).to(dtype)
-                if fast and device.type == "cuda":
-                    noisy = noisy.contiguous(memory_format=torch.channels_last)
-                pred = unet_fn(noisy, timesteps, ehs.to(dtype)).sample.float()
-                target = noise if prediction == "epsilon" else sched.get_velocity(latents, noise, timesteps)
-                err = (pred - target) ** 2
-                if masks is not None:
-                    m = masks[idx]
-                    loss = ((err * m).sum((1, 2, 3)) / (m.sum((1, 2, 3)) * err.shape[1]).clamp_min(1e-6)).mean()
-                else:
-                    loss = err.mean()
+                rt.freeze_terms([name], device)
+                if rt.gate_positions != "all":
+                    if b not in pos_buffers:
+                        pos_buffers[b] = tuple(None if m is None else m.new_empty((b, *m.shape[1:]))
+                                               for m in masks_all)
+                    for buf, m in zip(pos_buffers[b], masks_all):
+                        if m is not None:
+                            buf.copy_(m[tpl])
+                    rt.position_masks = pos_buffers[b]
+                loss = denoising_loss(unet_fn, sched, data, step, sl, enc_all[tpl], noise_all[sl], eps_all[sl],
+                                      dtype, channels_last)
                 scaler(loss * (b / cfg.batch_size)).backward()
                 step_loss += loss.detach() * (b / cfg.batch_size)
             if world > 1:  # scaled gradients: every process then sees the same inf/NaN and skips the same steps
@@ -422,8 +438,7 @@ def train_concept(
                     if cap:
                         embedding.mul_((cap / embedding.norm()).clamp(max=1.0))
                     state.target_input = cfg.ema * state.target_input + (1 - cfg.ema) * concept_enc / cfg.batch_size
-            if rt is not None:
-                rt.touch()
+            rt.touch()
             step += 1
             pending.append(step_loss)
             if len(pending) >= report_every or step == cfg.steps:
@@ -436,18 +451,11 @@ def train_concept(
             hook.remove()
         if rt is not None:
             rt.uninstall()
-        if kv_saved:  # full_kv: keep what was learned, give the base its weights back
-            extra = {k: w.float().cpu() for k, w in swap_kv_weights(layers, kv_saved).items()}
-            for a in layers.values():
-                a.to_k.weight.requires_grad_(False)
-                a.to_v.weight.requires_grad_(False)
         pipe.unload_textual_inversion(trigger)
         restore()
-    if cfg.method == "trained_keys":
-        extra = {f"{p}.key_target": v.detach().float().cpu() for p, v in state.key_targets.items()}
 
     concept = Concept(
-        metadata=_concept_metadata(name, version, superclass, trigger, base, covariance, cfg, photos, license,
+        metadata=concept_metadata(name, version, superclass, trigger, base, covariance, cfg, data.photos, license,
                                    description, step, losses),
         token_embedding=embedding.detach().float().cpu(),
         target_input=state.target_input.detach().float().cpu(),
@@ -457,15 +465,6 @@ def train_concept(
     out = Path(out_path)
     if _world()[1] != 0:  # data-parallel: every process holds the same concept; the first one writes
         return TrainResult(concept, out, [], losses, time.perf_counter() - t0, warnings_seen)
-    if cfg.method != "perfusion":  # an ablation: every learned tensor, to measure what it would weigh
-        from safetensors.torch import save
-
-        learned = {"token_embedding": concept.token_embedding, **extra}
-        if cfg.method == "trained_keys":
-            learned.update({f"{p}.value_target": v for p, v in concept.value_targets.items()},
-                           target_input=concept.target_input, superclass_input=concept.superclass_input)
-        atomic_write_bytes(out, save({k: v.contiguous() for k, v in learned.items()}))
-        return TrainResult(concept, out, [], losses, time.perf_counter() - t0, warnings_seen, extra)
     save_concept(concept, out)
     if ckpt and ckpt.exists():
         ckpt.unlink()
@@ -477,18 +476,6 @@ def train_concept(
                                    steps=cfg.preview_steps, seed=cfg.seed)
         unload_concepts(pipe, [name])  # the pipeline's loaded concepts are as before training
     return TrainResult(concept, out, previews, losses, time.perf_counter() - t0, warnings_seen)
-
-
-@torch.no_grad()
-def swap_kv_weights(layers: dict, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Write {"<attn2 path>.to_k" / ".to_v": weight} into those layers; returns copies of what they held."""
-    old = {}
-    for k, w in weights.items():
-        path, which = k.rsplit(".", 1)
-        lin = getattr(layers[path], which)
-        old[k] = lin.weight.detach().clone()
-        lin.weight.copy_(w)
-    return old
 
 
 def _world() -> tuple[int, int]:
@@ -512,7 +499,7 @@ def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
         pos += t.numel()
 
 
-def _plan(cfg: TrainConfig, n_images: int, n_timesteps: int) -> dict[str, torch.Tensor]:
+def sampling_plan(cfg: TrainConfig, n_images: int, n_timesteps: int) -> dict[str, torch.Tensor]:
     """Which latent (photo or mirror), template and timestep every sample of every step uses, drawn
     from the seed up front ([steps, batch] each): a resumed run reads the same plan."""
     g = torch.Generator().manual_seed(cfg.seed)
@@ -537,7 +524,8 @@ def _fast_unet(unet):
     return torch.compile(unet, dynamic=False, backend=os.environ.get("PFX_COMPILE_BACKEND", "inductor"))
 
 
-def _concept_metadata(name, version, superclass, trigger, base, cov, cfg, photos, license, description, step, losses):
+def concept_metadata(name, version, superclass, trigger, base, cov, cfg, photos, license, description, step, losses):
+    """The header metadata of a concept trained by `cfg` (spec/perfusion.md section 4)."""
     from perfusion_hub import __version__
 
     training = {

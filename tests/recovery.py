@@ -22,7 +22,7 @@ from perfusion_hub.loaders import load_concepts, runtime_of, unload_concepts
 from perfusion_hub.photos import load_photos
 from perfusion_hub.processor import cross_attention_modules
 from perfusion_hub.render import render
-from perfusion_hub.train import TEMPLATES, TrainConfig, _encode_latents, train_concept
+from perfusion_hub.train import TEMPLATES, TrainConfig, encode_latents, train_concept
 from tests.enginekit import superclass_encoding
 
 
@@ -66,7 +66,7 @@ def heldout_loss(base, cov, concept, folder: Path, *, seed: int = 123, draws: in
     """Mean epsilon-MSE of `concept` on the images in `folder`: fixed noise, timesteps, prompts."""
     pipe = base.pipe
     photos = load_photos(folder, base.resolution)
-    mean, std, _ = _encode_latents(pipe.vae, photos, False, base.device, base.dtype)
+    mean, std, _ = encode_latents(pipe.vae, photos, False, base.device, base.dtype)
     load_concepts(pipe, [concept], covariance=cov)
     rt = runtime_of(pipe)
     rt.activate([concept.name])

@@ -3,7 +3,7 @@
 
 For each reserved instance of the procedural world (Mittens: superclass cat; the Eames chair: superclass
 chair), a concept is trained from 8 generator images of it (varied places, sizes, backgrounds: toyworld.samples), with the
-default recipe (400 steps, batch 16) by four methods at the same budget (perfusion_hub.train METHODS):
+default recipe (400 steps, batch 16) by four methods at the same budget (toyworld.ablations METHODS):
 
   perfusion       key-locked rank-one edit (what pfx ships)
   trained_keys    the same edit with trained key targets instead of locked ones
@@ -34,6 +34,7 @@ import platform
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from datetime import date
 from pathlib import Path
 
@@ -44,10 +45,11 @@ from PIL import Image
 from perfusion_hub.bases import load_base
 from perfusion_hub.captions import corpus_digest, load_captions
 from perfusion_hub.covariance import estimate, packaged_covariance
-from perfusion_hub.loaders import add_tokens, load_concepts, runtime_of, unload_concepts
+from perfusion_hub.loaders import runtime_of
 from perfusion_hub.render import render
-from perfusion_hub.train import METHODS, TrainConfig, swap_kv_weights, train_concept
+from perfusion_hub.train import TrainConfig
 from toyworld import RESULTS, evaluator
+from toyworld.ablations import METHODS, Loaded, MethodResult, train_method
 from toyworld.samples import PHOTO_SIZES, PHOTOS, write_photos
 
 INSTANCES = {"cat-mittens": ("cat", "mittens"),
@@ -113,41 +115,6 @@ def judge_all(net, specs: list[dict], images_per_spec: list[list]) -> dict:
         out[k] = round(float(np.mean(v)), 4) if v else None
     out["n"] = len(rows)
     return out
-
-
-class Method:
-    """Puts one trained result into the pipeline for rendering, and takes it out again."""
-
-    def __init__(self, method: str, result):
-        self.method, self.result = method, result
-
-    def load(self, base, cov):
-        c = self.result.concept
-        if self.method in ("perfusion", "trained_keys"):
-            load_concepts(base.pipe, [c], covariance=cov)
-            if self.method == "trained_keys":
-                rt = runtime_of(base.pipe)
-                st = rt.concepts[c.name]
-                st.key_targets = {k.rsplit(".", 1)[0]: v for k, v in self.result.extra.items()}
-                rt.touch()
-            return
-        add_tokens(base.pipe, [c.trigger], [c.token_embedding])
-        if self.method == "full_kv":
-            self._swap(base, self.result.extra)
-
-    def unload(self, base):
-        c = self.result.concept
-        if self.method in ("perfusion", "trained_keys"):
-            unload_concepts(base.pipe, [c.name])
-            return
-        if self.method == "full_kv":
-            self._swap(base, self.saved)
-        base.pipe.unload_textual_inversion(c.trigger)
-
-    def _swap(self, base, weights):
-        from perfusion_hub.processor import cross_attention_modules
-
-        self.saved = swap_kv_weights(cross_attention_modules(base.pipe.unet), weights)
 
 
 def first_run_images(base, prompt: str = FIRST_RUN["prompt"]) -> list[list]:
@@ -308,7 +275,7 @@ def main(argv=None) -> int:
     def dump():
         out_json.write_text(json.dumps(results, indent=1) + "\n")
 
-    trained: dict[str, dict[str, Method]] = {m: {} for m in methods}
+    trained: dict[str, dict[str, MethodResult]] = {m: {} for m in methods}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (cls, _) in INSTANCES.items():
             photos = write_photos(Path(tmp) / name, name, args.photos)
@@ -317,14 +284,12 @@ def main(argv=None) -> int:
             inst["superclass_word"] = judge_all(net, superclass_specs(name), ims)
             print(name, "superclass word", inst["superclass_word"], flush=True)
             for m in methods:
-                cfg = TrainConfig(steps=args.steps, method=m, previews=0, embedding_norm=args.embedding_norm)
+                cfg = TrainConfig(steps=args.steps, previews=0, embedding_norm=args.embedding_norm)
                 t0 = time.process_time(), time.perf_counter()
-                res = train_concept(base, photos, name=name, superclass=cls, covariance=cov,
-                                    out_path=Path(tmp) / f"{name}-{m}.safetensors", config=cfg)
+                res = trained[m][name] = train_method(m, base, photos, name=name, superclass=cls, covariance=cov,
+                                                      out_path=Path(tmp) / f"{name}-{m}.safetensors", config=cfg)
                 cpu_s, wall_s = time.process_time() - t0[0], time.perf_counter() - t0[1]
-                meth = trained[m][name] = Method(m, res)
-                meth.load(base, cov)
-                try:
+                with Loaded(base, cov, res):
                     specs = prompt_specs(name)
                     ims = render_specs(base, specs, args.images)
                     row = {"file_bytes": res.path.stat().st_size, "train_wall_s": round(wall_s, 1),
@@ -337,17 +302,15 @@ def main(argv=None) -> int:
                             bi = render_specs(base, specs, args.images, beta=b)
                             inst["perfusion_beta_sweep"][str(b)] = judge_all(net, specs, bi)
                             print(name, "beta", b, inst["perfusion_beta_sweep"][str(b)], flush=True)
-                finally:
-                    meth.unload(base)
                 inst["methods"][m] = row
                 print(name, m, row, flush=True)
                 dump()
         for m in methods:
             if len(trained[m]) != 2 or m == "full_kv":
                 continue  # Custom-Diffusion weights of two concepts do not add up without a merge step
-            for meth in trained[m].values():
-                meth.load(base, cov)
-            try:
+            with ExitStack() as loaded:
+                for res in trained[m].values():
+                    loaded.enter_context(Loaded(base, cov, res))
                 ims = render_specs(base, COMPOSITION, args.images)
                 results["composition"][m] = judge_all(net, COMPOSITION, ims)
                 contact_sheet(ims, args.out / f"{tag}-composition-{m}.png")
@@ -357,9 +320,6 @@ def main(argv=None) -> int:
                     results["first_run"]["seed_0_success"] = judge_all(net, [FIRST_RUN], first[:1])["success"]
                     contact_sheet([[im for ims in first for im in ims]], args.out / f"{tag}-first-run.png")
                     print("first run", results["first_run"], flush=True)
-            finally:
-                for meth in trained[m].values():
-                    meth.unload(base)
             print("composition", m, results["composition"][m], flush=True)
             dump()
     dump()
