@@ -128,14 +128,29 @@ def load_concepts(
     if exact is not None:
         rt.set_exact(exact)
     add_tokens(pipe, [c.trigger for c in items], [c.token_embedding for c in items])
-    for c in items:
+    for c, (target, superclass, values) in zip(items, _on_device(items, pipe.unet.device)):
         rt.add(ConceptState(
             name=c.name, token=c.trigger, token_id=pipe.tokenizer.convert_tokens_to_ids(c.trigger),
-            target_input=c.target_input, superclass_input=c.superclass_input, value_targets=dict(c.value_targets),
+            target_input=target, superclass_input=superclass, value_targets=values,
             beta=c.beta, tau=c.tau, metadata=dict(c.metadata, file_digest=c.digest),
         ))
     rt.install()
     return [c.name for c in items]
+
+
+def _on_device(items: list[Concept], device) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+    """(i*, i_super, value targets) of each concept, fp32, on the UNet's device: one host-to-device copy for all
+    of them, where per-tensor copies (every layer of every concept) would each wait for the device."""
+    parts = [[c.target_input, c.superclass_input, *c.value_targets.values()] for c in items]
+    flat = torch.cat([t.detach().reshape(-1).float().cpu() for p in parts for t in p]).to(device)
+    out, pos = [], 0
+    for c, p in zip(items, parts):
+        views = []
+        for t in p:
+            views.append(flat[pos : pos + t.numel()].view(t.shape))
+            pos += t.numel()
+        out.append((views[0], views[1], dict(zip(c.value_targets, views[2:]))))
+    return out
 
 
 def add_tokens(pipe, tokens: list[str], embeddings: list[torch.Tensor]) -> list[int]:

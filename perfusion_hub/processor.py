@@ -55,22 +55,33 @@ def cross_attention_modules(unet) -> dict[str, torch.nn.Module]:
 _FACTORS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def covariance_key(covariance: torch.Tensor) -> str:
-    """sha1 of the covariance's fp64 bytes: which matrix a runtime was built with."""
-    import hashlib
+_KEYS: dict[int, tuple] = {}  # id(tensor) -> (weak reference, version, key): a matrix is hashed once
 
-    return hashlib.sha1(covariance.detach().cpu().double().contiguous().numpy().tobytes()).hexdigest()
+
+def covariance_key(covariance: torch.Tensor) -> str:
+    """sha1 of the covariance's fp64 bytes: which matrix a runtime was built with. Remembered per tensor object
+    (until it is modified in place), so loading concepts does not re-hash a 768x768 (or 2048x2048) matrix."""
+    import hashlib
+    import weakref
+
+    hit = _KEYS.get(id(covariance))
+    if hit is not None and hit[0]() is covariance and hit[1] == covariance._version:
+        return hit[2]
+    key = hashlib.sha1(covariance.detach().cpu().double().contiguous().numpy().tobytes()).hexdigest()
+    for k in [k for k, v in _KEYS.items() if v[0]() is None]:
+        del _KEYS[k]
+    _KEYS[id(covariance)] = (weakref.ref(covariance), covariance._version, key)
+    return key
 
 
 def _factor(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """C^-1 and its Cholesky root, cached by the covariance's bytes (a runtime is rebuilt whenever all
     concepts are unloaded; the factorisation of a 768x768 matrix need not be)."""
-    c = covariance.detach().cpu().double().contiguous()
-    key = covariance_key(c)
+    key = covariance_key(covariance)
     if key not in _FACTORS:
         if len(_FACTORS) > 8:
             _FACTORS.pop(next(iter(_FACTORS)))
-        _FACTORS[key] = inverse_and_root(c)
+        _FACTORS[key] = inverse_and_root(covariance.detach().cpu().double().contiguous())
     return _FACTORS[key]
 
 
