@@ -130,6 +130,49 @@ def train_once(base, cov, photos: Path, out: Path, steps: int, fast: bool):
     return time.perf_counter() - t, res
 
 
+def compare_runs(ref, other) -> dict:
+    """How far `other`'s concept and losses are from `ref`'s (same seed and steps)."""
+    flat = lambda c: torch.cat([*(v.flatten() for v in c.value_targets.values()), c.token_embedding, c.target_input])
+    a, b = flat(ref.concept), flat(other.concept)
+    return {
+        "concept_rel_diff": round(float((a - b).norm() / a.norm()), 7),
+        "losses_max_abs_diff": round(max(abs(x - y) for x, y in zip(ref.losses, other.losses)), 6),
+        "losses_mean": round(sum(ref.losses) / len(ref.losses), 6),
+    }
+
+
+def attention_backends(device: str, dtype) -> dict:
+    """Forward + backward time of SD1.5's attention shapes at batch 16 (512x512) for each SDPA backend, weighted
+    by how often the UNet runs each (self- and cross-attention per transformer block)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    shapes = [(4096, 40, 5), (1024, 80, 5), (256, 160, 5), (64, 160, 1)]  # (tokens, head dim, blocks)
+    out = {}
+    for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                     ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        total = 0.0
+        try:
+            for n, d, count in shapes:
+                for kv in (n, 77):
+                    q = torch.randn(16, 8, n, d, device=device, dtype=dtype, requires_grad=True)
+                    k = torch.randn(16, 8, kv, d, device=device, dtype=dtype, requires_grad=True)
+                    v = torch.randn(16, 8, kv, d, device=device, dtype=dtype, requires_grad=True)
+                    g = torch.randn(16, 8, n, d, device=device, dtype=dtype)
+
+                    def run(q=q, k=k, v=v, g=g, be=be):
+                        with sdpa_kernel(be):
+                            F.scaled_dot_product_attention(q, k, v).backward(g)
+
+                    s, _ = timed(run, 10)
+                    total += s * count
+            out[name] = round(1000 * total, 3)
+        except RuntimeError as e:
+            out[name] = f"unavailable: {str(e).splitlines()[0][:120]}"
+        log("attention", name, out[name])
+    return out
+
+
 def cold_train(args) -> dict:
     """The training run of a fresh process: base construction, first compile, training, saving."""
     code = ("import sys, json; sys.argv=['engine.py'] + json.loads(sys.argv[1]); "
@@ -193,7 +236,9 @@ def main():
     out_path.parent.mkdir(parents=True, exist_ok=True)
     res = {"device": name, "torch": torch.__version__, "diffusers": diffusers.__version__,
            "date": date.today().isoformat(), "arch": "toy" if args.toy else "sd15 (random weights)",
-           "render_steps": args.render_steps, "repeats": args.repeats}
+           "render_steps": args.render_steps, "repeats": args.repeats,
+           "env": {k: os.environ[k] for k in ("PFX_SDPA_BACKEND", "PFX_CUDA_GRAPHS", "PFX_COMPILE_BACKEND")
+                   if k in os.environ}}
 
     def save():
         out_path.write_text(json.dumps(res, indent=2))
@@ -252,6 +297,10 @@ def main():
             for k, v in times.items() if k != "baseline"}
         log("render", res["render_s"], res["render_ratio"], res["render_ratio_paired"], res["render_ratio_of_minimums"])
         unload_concepts(pipe)
+        save()
+
+    if "attention" in stages and device == "cuda":
+        res["attention_fwd_bwd_ms"] = attention_backends(device, torch.bfloat16)
         save()
 
     if "compose" in stages:
@@ -330,9 +379,13 @@ def main():
                 res["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             log("train", secs, res["train_samples_per_s"])
             save()
-            eager_steps = max(5, args.steps // 20)
-            e_s, _ = train_once(tbase, tcov, photos, Path(tmp) / "e.safetensors", eager_steps, fast=False)
+            # the compiled step against the eager one: the same 20 steps (same seed) both ways
+            eager_steps = 20
+            e_s, eager = train_once(tbase, tcov, photos, Path(tmp) / "e.safetensors", eager_steps, fast=False)
+            _, fast20 = train_once(tbase, tcov, photos, Path(tmp) / "f.safetensors", eager_steps, fast=True)
             res["train_eager_samples_per_s"] = round(eager_steps * 16 / e_s, 1)
+            res["train_fast_vs_eager_20_steps"] = compare_runs(eager, fast20)
+            log("fast vs eager", res["train_fast_vs_eager_20_steps"])
             save()
         del tbase
 
