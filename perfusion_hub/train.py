@@ -383,7 +383,7 @@ def train_concept(
         if fast:
             if channels_last:
                 unet.to(memory_format=torch.channels_last)
-            unet_fn = _fast_unet(unet, device)
+            unet_fn = _fast_unet(unet)
         # Reading a loss back waits for the GPU; on CUDA do it every few steps so the host keeps queueing.
         report_every = 10 if device.type == "cuda" else 1
         pending: list[torch.Tensor] = []
@@ -511,39 +511,16 @@ def sampling_plan(cfg: TrainConfig, n_images: int, n_timesteps: int) -> dict[str
     }
 
 
-def _fast_unet(unet, device):
-    """The compiled UNet used by `fast=True`: same math, fused kernels, and on CUDA the forward and backward
-    replayed as CUDA graphs (inductor's "reduce-overhead"), so the host no longer launches ~4,000 kernels per
-    step one by one.
+def _fast_unet(unet):
+    """The compiled UNet used by `fast=True`: same math, fused kernels.
 
     PFX_COMPILE_BACKEND picks the torch.compile backend (default inductor). The CPU test uses `aot_eager`, which
     runs the same captured forward+backward graph without generating C++ kernels (inductor's CPU codegen takes
     minutes on 2 cores); inductor's numerics against the eager step are checked on the GPU by bench/engine.py.
-    PFX_CUDA_GRAPHS=0 compiles without CUDA graphs; PFX_SDPA_BACKEND (flash, cudnn, efficient or math) fixes the
-    attention kernels the compiled forward and backward use (default: torch's choice).
     """
-    import contextlib
     import os
 
-    backend = os.environ.get("PFX_COMPILE_BACKEND", "inductor")
-    graphs = device.type == "cuda" and backend == "inductor" and os.environ.get("PFX_CUDA_GRAPHS", "1") != "0"
-    compiled = torch.compile(unet, dynamic=False, backend=backend, mode="reduce-overhead" if graphs else None)
-    sdpa = os.environ.get("PFX_SDPA_BACKEND")
-    if sdpa:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        names = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-        if sdpa not in names:
-            raise BadInput(f"PFX_SDPA_BACKEND={sdpa!r}: one of {', '.join(names)}")
-
-    def step(*args, **kwargs):
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # a new step: earlier outputs may be overwritten
-        with sdpa_kernel(names[sdpa]) if sdpa else contextlib.nullcontext():
-            return compiled(*args, **kwargs)
-
-    return step
+    return torch.compile(unet, dynamic=False, backend=os.environ.get("PFX_COMPILE_BACKEND", "inductor"))
 
 
 def concept_metadata(name, version, superclass, trigger, base, cov, cfg, photos, license, description, step, losses):
