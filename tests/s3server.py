@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 
 import pytest
 
@@ -82,11 +83,30 @@ def isolate_aws_env(monkeypatch, config_file, credentials_file=None) -> None:
 # the same name wins); `aws_env` is autouse in the modules that import it.
 
 
-@pytest.fixture(scope="module")
-def s3_url():
-    """A moto S3 server for the module."""
+class Endpoint(str):
+    """An S3 endpoint URL that also says which server it is (`kind`: "moto" or "rgw")."""
+
+    kind: str
+
+    def __new__(cls, url: str, kind: str) -> Self:
+        e = super().__new__(cls, url)
+        e.kind = kind
+        return e
+
+
+@pytest.fixture(scope="module", params=["moto", "rgw"])
+def s3_url(request):
+    """Every test using it runs twice: on a moto S3 server for the module, and on the session's Ceph RGW
+    (tests/kit/servers.py; skipped with the reason where the Ceph packages are not installed)."""
+    if request.param == "rgw":
+        from tests.kit.servers import rgw_skip_reason, shared_rgw
+
+        if (why := rgw_skip_reason()) is not None:
+            pytest.skip(why)
+        yield Endpoint(shared_rgw().endpoint, "rgw")
+        return
     with moto_server() as url:
-        yield url
+        yield Endpoint(url, "moto")
 
 
 @pytest.fixture(autouse=True)
