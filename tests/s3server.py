@@ -93,6 +93,9 @@ class Endpoint(str):
         e.kind = kind
         return e
 
+    def __reduce__(self):  # picklable (multiprocessing passes endpoints to child processes)
+        return (Endpoint, (str(self), self.kind))
+
 
 @pytest.fixture(scope="module", params=["moto", "rgw"])
 def s3_url(request):
