@@ -303,13 +303,17 @@ def complete_unfinished(home: Any, remote: Remote) -> list[str]:
             forget_unfinished(home, remote, ref)
             continue
         by_name[m.name].append((ref, m, bool(rec.get("move_latest", True))))
-    done = []
+    done: list[str] = []
     for name, items in by_name.items():
-        def mutate(pkg: PackageDoc, items=items) -> bool:
-            changed = False
-            for _, m, move in items:
-                changed |= m.version not in pkg.versions and add_version(pkg, m, move_latest=move)
-            return changed
+        added: list[str] = []
+
+        def mutate(pkg: PackageDoc, items=items, added=added) -> bool:
+            added.clear()  # called again after a lost swap: count the last (written) edit only
+            for ref, m, move in items:
+                if m.version not in pkg.versions:
+                    add_version(pkg, m, move_latest=move)
+                    added.append(ref)
+            return bool(added)
 
         try:
             update_package(remote, name, mutate)
@@ -317,7 +321,7 @@ def complete_unfinished(home: Any, remote: Remote) -> list[str]:
             continue
         for ref, _, _ in items:
             forget_unfinished(home, remote, ref)
-            done.append(ref)
+        done += added
     return done
 
 
