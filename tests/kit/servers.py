@@ -7,7 +7,9 @@ every test written for moto - boto3 clients, `pfx` subprocesses, publish workers
 unchanged. Each test makes its own bucket, so sharing the store costs no isolation.
 
 `rgw_skip_reason()` is None when RGW can run here, else why not (the visible pytest skip reason); a
-start failure with the packages installed is an error, never a skip.
+start failure with the packages installed is an error, never a skip. `shared_s3rver()` and
+`s3rver_skip_reason()` do the same for s3rver (tests/kit/s3rver.py), a real store that ignores
+conditional writes; its only keys are S3RVER / S3RVER (`S3RVER_ENV`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ import threading
 from contextlib import ExitStack
 
 from tests.kit.rgw import RGW, rgw_available, rgw_server
+from tests.kit.s3rver import S3rver, s3rver_available, s3rver_server
 
 COMPAT_KEYS = ("test", "test")  # tests/s3server.py S3_ENV
 _lock = threading.Lock()
 _rgw: RGW | None = None
+_s3rver: S3rver | None = None
+S3RVER_ENV = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER", "AWS_DEFAULT_REGION": "us-east-1"}
 _stack = ExitStack()
+atexit.register(_stack.close)  # stop the servers (and remove their folders) when the tests end
 
 
 def rgw_skip_reason() -> str | None:
@@ -44,6 +50,19 @@ def shared_rgw() -> RGW:
         if _rgw is None:
             rgw = _stack.enter_context(rgw_server())
             add_user(rgw, "pfx-compat", *COMPAT_KEYS)
-            atexit.register(_stack.close)
             _rgw = rgw
         return _rgw
+
+
+def s3rver_skip_reason() -> str | None:
+    why = s3rver_available()
+    return None if why is None else f"s3rver not available: {why} (.ci/install-s3-servers installs it)"
+
+
+def shared_s3rver() -> S3rver:
+    """The session's s3rver, started on first use."""
+    global _s3rver
+    with _lock:
+        if _s3rver is None:
+            _s3rver = _stack.enter_context(s3rver_server())
+        return _s3rver
