@@ -97,11 +97,20 @@ class Endpoint(str):
         return (Endpoint, (str(self), self.kind))
 
 
-@pytest.fixture(scope="module", params=["moto", "rgw"])
+def pytest_generate_tests(metafunc):
+    """A module that sets `S3_SERVERS = ("moto", "rgw")` runs each test using `s3_url` on every server
+    named (tests/conftest.py imports this hook); other modules get moto alone, unparametrized."""
+    servers = getattr(metafunc.module, "S3_SERVERS", None)
+    if servers and "s3_url" in metafunc.fixturenames:
+        metafunc.parametrize("s3_url", list(servers), indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
 def s3_url(request):
-    """Every test using it runs twice: on a moto S3 server for the module, and on the session's Ceph RGW
+    """An S3 endpoint for the module: a moto server, or (param "rgw") the session's Ceph RGW
     (tests/kit/servers.py; skipped with the reason where the Ceph packages are not installed)."""
-    if request.param == "rgw":
+    kind = getattr(request, "param", "moto")
+    if kind == "rgw":
         from tests.kit.servers import rgw_skip_reason, shared_rgw
 
         if (why := rgw_skip_reason()) is not None:

@@ -15,6 +15,8 @@ from registry.home import Home
 from tests.conceptgen import add_concept
 from tests.s3server import S3_ENV, make_bucket
 
+S3_SERVERS = ("moto", "rgw")  # each test using s3_url runs on both (tests/s3server.py)
+
 
 def _invoke(home, *args):
     r = CliRunner().invoke(cli, ["--home", str(home), *args], catch_exceptions=True)

@@ -16,6 +16,8 @@ from registry.remotes import open_remote
 from registry.resolve import fetch_package, read_claim
 from tests.s3server import S3_ENV, make_bucket
 
+S3_SERVERS = ("moto", "rgw")  # each test using s3_url runs on both (tests/s3server.py)
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = "import sys; from tests.conceptgen import publish_worker; publish_worker(*sys.argv[1:])"
 

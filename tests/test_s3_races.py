@@ -20,6 +20,8 @@ from tests.faultproxy import remote_problems
 from tests.kit.racers import run_rounds
 from tests.s3server import S3_ENV, aws_env, new_bucket  # noqa: F401  (aws_env: autouse fixture)
 
+S3_SERVERS = ("moto", "rgw")  # each test using s3_url runs on both (tests/s3server.py)
+
 ROUNDS = 10
 
 

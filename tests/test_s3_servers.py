@@ -35,6 +35,8 @@ from tests.kit.servers import S3RVER_ENV, rgw_skip_reason, s3rver_skip_reason, s
 from tests.kit.spyproxy import spy_proxy
 from tests.s3server import aws_env, moto_server, new_bucket  # noqa: F401  (aws_env: autouse fixture)
 
+S3_SERVERS = ("moto", "rgw")  # each test using s3_url runs on both (tests/s3server.py)
+
 EXPECTED = {  # (create, swap, etag_form) as the probe must find them
     "moto": ("honoured", "honoured", "quoted"),
     "rgw": ("honoured", "honoured", "unquoted"),

@@ -42,7 +42,7 @@ def _count_cas_losses(stats: dict, claim_barrier: Any) -> None:
 
 
 def _worker(idx: int, home_dir: str, url: str, endpoint: str, env: dict, plan: list[tuple], barrier: Any,
-            claim_barrier: Any, out: Any) -> None:
+            claim_barrier: Any, out: Any, remote_opts: dict) -> None:
     os.environ.update(env)
     from registry.errors import PfxError
     from registry.home import Home
@@ -52,7 +52,7 @@ def _worker(idx: int, home_dir: str, url: str, endpoint: str, env: dict, plan: l
     stats = {"cas_lost": 0, "claim_at": None}
     _count_cas_losses(stats, claim_barrier)
     home = Home.open(home_dir, offline=False)
-    home.add_remote("r", url, endpoint_url=endpoint)
+    home.add_remote("r", url, endpoint_url=endpoint, **remote_opts)
     for step, (op, *args) in enumerate(plan):
         if op == "publish":
             name, version, seed = args
@@ -77,16 +77,17 @@ def _worker(idx: int, home_dir: str, url: str, endpoint: str, env: dict, plan: l
 
 
 def run_rounds(tmp: os.PathLike, url: str, endpoint: str, plans: list[list[tuple]], env: dict,
-               timeout: float = 300) -> list[dict]:
+               timeout: float = 300, **remote_opts: Any) -> list[dict]:
     """Run one process per plan; step i of every plan starts at the same barrier. Returns all records
     (sorted by step, then worker). A worker that dies or hangs fails the call with what it printed.
     Publish steps must come in lockstep (every plan publishing at that step): each claim PUT waits
-    for the other racers' at a second barrier."""
+    for the other racers' at a second barrier. `remote_opts` go to each home's `add_remote` (e.g.
+    single_writer=True, to measure what a store without conditional writes does under a race)."""
     ctx = mp.get_context("spawn")
     barrier, claim_barrier = ctx.Barrier(len(plans)), ctx.Barrier(len(plans))
     out = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(i, str(os.path.join(tmp, f"racer{i}")), url, str(endpoint), env, plan,
-                                                barrier, claim_barrier, out), daemon=True)
+                                                barrier, claim_barrier, out, remote_opts), daemon=True)
              for i, plan in enumerate(plans)]
     for p in procs:
         p.start()
