@@ -68,6 +68,7 @@ from registry.versions import parse_version
 
 CAS_ATTEMPTS = 40
 UNFINISHED = "unfinished-publish:"  # home kv, per remote: a publish whose index update is not done yet
+UNFINISHED_GRACE_S = 3600  # an unclaimed record this young may be a publish still running in another process
 REGISTRY_CONFIG = {"format": "pfx-registry", "layout": 1, "search_shard_hex": 3}
 ADD_REMOTE_HINT = "pfx remote add NAME s3://bucket/prefix --default"
 
@@ -253,8 +254,12 @@ def publish(home: Any, ref_text: str, *, to: str | None = None, move_latest: boo
     remote, warnings, completed = writable_remote(home, to, "publish", **options)
     sigs = [(signer.keyid, signer.sign(m.digest))] if signer else []
     remember_unfinished(home, remote, m, move_latest)
-    res = publish_manifest(remote, m, home.store.read_bytes, move_latest=move_latest, progress=progress,
-                           signatures=sigs)
+    try:
+        res = publish_manifest(remote, m, home.store.read_bytes, move_latest=move_latest, progress=progress,
+                               signatures=sigs)
+    except VersionExists:  # another publisher's version: nothing of ours to complete later
+        forget_unfinished(home, remote, m.ref())
+        raise
     forget_unfinished(home, remote, m.ref())
     if sigs:  # keep our own signature locally too, so `pfx verify` and bundles can use it
         with home.index.write() as c:
@@ -288,10 +293,10 @@ def complete_unfinished(home: Any, remote: Remote) -> list[str]:
     """List the versions this home claimed on `remote` whose index update a failure (crash, network,
     lost CAS) cut off; drop records of publishes that never reached their claim. Returns the refs listed.
     A failure here leaves the records for next time: it never fails the command that called it."""
-    rows = home.index.conn.execute("SELECT key, body FROM remote_cache WHERE remote = ? AND key LIKE ?",
+    rows = home.index.conn.execute("SELECT key, body, fetched_at FROM remote_cache WHERE remote = ? AND key LIKE ?",
                                    (remote.name, UNFINISHED + "%")).fetchall()
     by_name: dict[str, list[tuple[str, Manifest, bool]]] = defaultdict(list)
-    for key, body in rows:
+    for key, body, since in rows:
         ref = key[len(UNFINISHED):]
         try:
             rec = json.loads(body)
@@ -299,8 +304,9 @@ def complete_unfinished(home: Any, remote: Remote) -> list[str]:
             claim = read_claim(remote, m.name, m.version)
         except (PfxError, ValueError, KeyError, TypeError, OSError):
             continue
-        if claim is None or claim["manifest"] != m.digest:  # never claimed (or not by us): nothing listed
-            forget_unfinished(home, remote, ref)
+        if claim is None or claim["manifest"] != m.digest:  # never claimed (or not by us): nothing to list
+            if claim is not None or time.time() - float(since or 0) > UNFINISHED_GRACE_S:  # (or still on its way)
+                forget_unfinished(home, remote, ref)
             continue
         by_name[m.name].append((ref, m, bool(rec.get("move_latest", True))))
     done: list[str] = []
