@@ -280,7 +280,10 @@ def _probe_row(home, row: dict) -> dict:
     from registry.capabilities import probe, record_probe
     from registry.remotes import open_remote
 
-    rem = open_remote(row, offline=home.offline)
+    try:
+        rem = open_remote(row, offline=home.offline)
+    except PfxError as e:  # e.g. a profile that does not exist (yet): the remote is added, not probed
+        return {"error": str(e).splitlines()[0], "ok": False}
     if home.offline and not row["url"].startswith("file://"):
         return {"skipped": True, "reason": "offline: it will be probed before the first publish"}
     if rem.read_only:

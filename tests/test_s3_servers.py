@@ -274,6 +274,11 @@ def test_failed_probe_is_never_recorded_and_the_next_publish_probes_again(tmp_pa
     h.close()
     p = pfx(down, "publish", "vase")
     assert p.returncode == 6 and "could not probe down" in p.stderr and "Could not connect" in p.stderr
+    # a profile that does not exist: added, not probed, and publish says why (it was a traceback)
+    p = pfx(down, "remote", "add", "prof", url, "--endpoint-url", moto_url, "--profile", "nope", check=True)
+    assert "could not probe prof" in p.stderr and "profile (nope) could not be found" in p.stderr
+    p = pfx(down, "publish", "vase", "--to", "prof")
+    assert p.returncode == 6 and "profile (nope)" in p.stderr and "Traceback" not in p.stderr
 
 
 # --------------------------------------------------------------------------------------------------

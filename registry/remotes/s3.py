@@ -91,7 +91,14 @@ class S3Remote(Remote):
         self.bucket, self.prefix = parse_s3_url(url)
         self.read_only, self.single_writer = read_only, single_writer
         self.attempts, self.backoff_base, self.backoff_cap = attempts, backoff_base, backoff_cap
-        session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
+        from botocore.exceptions import ProfileNotFound
+
+        try:
+            session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
+        except ProfileNotFound as e:
+            raise RemoteError(f"remote '{name}': {e}", hint="define the profile in ~/.aws/config or "
+                              "~/.aws/credentials (AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE), or re-add "
+                              "the remote without --profile") from None
         import os
 
         custom = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
