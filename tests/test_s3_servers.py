@@ -173,7 +173,8 @@ def test_pfx_on_rgw_end_to_end(tmp_path, rgw):
     hp, hc = Home.open(pub), Home.open(cons)
     for b in m1.blobs():
         assert hc.store.blob_path(b["digest"]).read_bytes() == hp.store.blob_path(b["digest"]).read_bytes()
-    hp.close(), hc.close()
+    hp.close()
+    hc.close()
     # index edits and compaction: each one compare-and-swap (unquoted If-Match), no retries storm
     t0 = time.monotonic()
     assert "team/cat@stable -> 1.0.0" in pfx(pub, "tag", "team/cat@1.0.0", "stable", check=True).stdout
