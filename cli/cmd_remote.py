@@ -36,6 +36,14 @@ def _warn(msg: str) -> None:
     click.echo(f"warning: {msg}", err=True)
 
 
+def _notes(res: dict) -> None:
+    """The warnings and repairs a write reports (single-writer mode, unlisted publishes completed)."""
+    for w in res.get("warnings", []):
+        _warn(w)
+    for ref in res.get("completed", []):
+        click.echo(f"completed the interrupted publish of {ref} (now listed)", err=True)
+
+
 # --------------------------------------------------------------------------------------------------
 # install / search / info
 
@@ -170,6 +178,7 @@ def publish(ctx, ref, to, no_latest, sign, key_name, as_json):
     from registry.publish import publish as do_publish
 
     res = do_publish(_home(ctx), ref, to=to, move_latest=not no_latest, sign=sign, key=key_name)
+    _notes(res)
 
     def human(r):
         how = "completed an interrupted publish of" if r["resumed"] else "published"
@@ -190,6 +199,7 @@ def yank(ctx, ref, remote, undo, as_json):
     from registry.publish import yank as do_yank
 
     res = do_yank(_home(ctx), ref, remote_name=remote, undo=undo)
+    _notes(res)
     emit(res, as_json, lambda r: click.echo(
         f"{'yanked' if r['yanked'] else 'un-yanked'} {r['name']}@{r['version']} on {r['remote']}"))
 
@@ -205,6 +215,7 @@ def tag_cmd(ctx, ref, tag_name, remote, as_json):
     from registry.publish import tag as do_tag
 
     res = do_tag(_home(ctx), ref, tag_name, remote_name=remote)
+    _notes(res)
     emit(res, as_json, lambda r: click.echo(f"{r['name']}@{r['tag']} -> {r['version']} on {r['remote']}"))
 
 
@@ -215,6 +226,32 @@ def tag_cmd(ctx, ref, tag_name, remote, as_json):
 @click.group()
 def remote():
     """Manage remotes (s3://bucket/prefix or file:///path), tried in order; 'sample' is built in."""
+
+
+def _show_probe(d: dict, single_writer: bool) -> None:
+    """The probe's findings, one line per capability, then what pfx will do (`remote add` / `probe`)."""
+    from registry.capabilities import describe, lacking, single_writer_command
+
+    p = d["probe"]
+    if p.get("skipped"):
+        click.echo(f"  probe skipped: {p.get('reason')}")
+        return
+    if p.get("error"):
+        _warn(f"could not probe {d['name']}: {p['error']} (nothing recorded; it is probed again before "
+              "the next publish)")
+        return
+    for line in describe(p):
+        click.echo(f"  {line}")
+    if p["ok"]:
+        note = " (single-writer mode set; the headers are sent anyway)" if single_writer else ""
+        click.echo(f"  conditional writes: ok (safe for concurrent publishers){note}")
+    elif single_writer:
+        _warn(f"{d['name']} does not honour {' and '.join(lacking(p))}: publishing in single-writer mode "
+              "(pfx checks before it writes; you must be its only publisher)")
+    else:
+        _warn(f"{d['name']} does not honour {' and '.join(lacking(p))}: installs work, but publish, yank, tag "
+              f"and compact are refused (concurrent publishers could overwrite each other). If you are its "
+              f"only publisher: {single_writer_command(d)}")
 
 
 @remote.command("add")
@@ -228,43 +265,49 @@ def remote():
 @json_option
 @click.pass_context
 def remote_add(ctx, name, url, endpoint_url, profile, make_default, single_writer, as_json):
-    """Add a remote and probe whether it honours conditional writes (needed for safe publishing)."""
-    from registry.publish import probe, record_probe
-    from registry.remotes import open_remote
-
+    """Add a remote and probe its conditional writes (needed for safe publishing)."""
     home = _home(ctx)
     row = home.add_remote(name, url, endpoint_url=endpoint_url, profile=profile,
                           single_writer=single_writer, default=make_default)
-    rem = open_remote(row, offline=home.offline)
-    result: dict = {"skipped": True}
-    if home.offline and not url.startswith("file://"):
-        result["reason"] = "offline: it will be probed before the first publish"
-    elif rem.read_only:
-        result["reason"] = "read-only remote"
-    else:
-        result = probe(rem)
-        if result["error"] is None:
-            record_probe(home, rem, result)
-    out = {**row, "probe": result}
+    out = {**row, "probe": _probe_row(home, row)}
+    emit(out, as_json, lambda d: (click.echo(f"added remote {d['name']} {d['url']}"
+                                             f"{' (default)' if d.get('default') else ''}"),
+                                  _show_probe(d, single_writer)))
 
-    def human(d):
-        click.echo(f"added remote {d['name']} {d['url']}{' (default)' if d.get('default') else ''}")
-        p = d["probe"]
-        if p.get("skipped"):
-            click.echo(f"  probe skipped: {p.get('reason')}")
-        elif p.get("error"):
-            _warn(f"could not probe {d['name']}: {p['error']} (it will be probed again before publishing)")
-        elif p["ok"]:
-            click.echo("  conditional writes: ok (safe for concurrent publishers)")
-        elif single_writer:
-            _warn("this store ignores conditional writes; publishing in single-writer mode (you must be "
-                  "its only publisher)")
-        else:
-            _warn(f"this store ignores conditional writes: installs work, but publishing is refused. If you "
-                  f"are its only publisher: pfx remote remove {d['name']} && pfx remote add {d['name']} "
-                  f"{d['url']} --single-writer")
 
-    emit(out, as_json, human)
+def _probe_row(home, row: dict) -> dict:
+    """Probe a configured remote and record a complete result (a failed probe is never recorded)."""
+    from registry.capabilities import probe, record_probe
+    from registry.remotes import open_remote
+
+    try:
+        rem = open_remote(row, offline=home.offline)
+    except PfxError as e:  # e.g. a profile that does not exist (yet): the remote is added, not probed
+        return {"error": str(e).splitlines()[0], "ok": False}
+    if home.offline and not row["url"].startswith("file://"):
+        return {"skipped": True, "reason": "offline: it will be probed before the first publish"}
+    if rem.read_only:
+        return {"skipped": True, "reason": "read-only remote"}
+    result = probe(rem)
+    record_probe(home, rem, result)
+    return result
+
+
+@remote.command("probe")
+@click.argument("name")
+@json_option
+@click.pass_context
+def remote_probe(ctx, name, as_json):
+    """Probe a remote's conditional writes again (after the store changed) and record the result."""
+    from registry.errors import RemoteError
+
+    home = _home(ctx)
+    row = home.get_remote(name)
+    out = {**row, "probe": _probe_row(home, row)}
+    emit(out, as_json, lambda d: (click.echo(f"probed remote {d['name']} {d['url']}"),
+                                  _show_probe(d, bool(row.get("single_writer")))))
+    if out["probe"].get("error"):
+        raise RemoteError(f"could not probe {name}: {out['probe']['error']}")
 
 
 @remote.command("list")
@@ -272,17 +315,13 @@ def remote_add(ctx, name, url, endpoint_url, profile, make_default, single_write
 @click.pass_context
 def remote_list(ctx, as_json):
     """List remotes in the order installs try them."""
-    from registry.publish import CAPS_KEY
+    from registry.capabilities import mode, recorded_probe
 
     home = _home(ctx)
     rows = []
     for r in home.list_remotes():
-        got = home.kv_get(CAPS_KEY.format(url=r["url"]), remote=r["name"])
-        caps = got["value"] if got else None
-        mode = ("read-only" if r.get("read_only") else "single-writer" if r.get("single_writer")
-                else "publish" if caps and caps.get("ok") else "refused (no conditional writes)" if caps
-                else "not probed")
-        rows.append({**r, "probe": caps, "mode": mode})
+        caps = recorded_probe(home, r)
+        rows.append({**r, "probe": caps, "mode": mode(r, caps)})
 
     def human(rs):
         table([{**r, "default": "*" if r.get("default") else ""} for r in rs],
@@ -317,11 +356,12 @@ def registry():
 def registry_compact(ctx, remote_name, rebuild, as_json):
     """Fold recent publishes into the remote's search shards and repair lagging package indexes."""
     from registry.compact import compact
-    from registry.publish import target_remote
+    from registry.publish import writable_remote
 
-    rem = target_remote(_home(ctx), remote_name)
+    rem, warnings, completed = writable_remote(_home(ctx), remote_name, "compact")
     stats = compact(rem, rebuild=rebuild)
-    stats["remote"] = rem.name
+    stats.update(remote=rem.name, warnings=warnings, completed=completed)
+    _notes(stats)
     emit(stats, as_json, lambda s: click.echo(
         f"compacted {s['remote']}: {s['events']} event(s), {s['packages']} package(s) indexed, "
         f"{s['repaired']} version(s) repaired"))

@@ -13,7 +13,7 @@ import click
 from cli.output import json_option
 from registry.errors import EXIT_CODES
 
-EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in sorted(EXIT_CODES.items()))
+EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code:>2}  {text}" for code, text in sorted(EXIT_CODES.items()))
 
 
 class Context:

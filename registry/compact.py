@@ -43,7 +43,7 @@ from registry.errors import Conflict, IntegrityError, NotFound, PfxError
 from registry.manifest import canonical_json, strict_json
 from registry.publish import add_version, update_package
 from registry.remotes.base import CasFailed, KeyMissing, Remote, claim_key
-from registry.resolve import fetch_manifest, fetch_package_doc, read_claim
+from registry.resolve import fetch_manifest, fetch_package_doc, read_claim, reread_torn
 from registry.search import terms_of
 
 MAX_EVENT_BYTES = 4 << 10
@@ -55,8 +55,11 @@ STATE_SCHEMA = "pfx.compact/1"
 
 
 def _read_shard(remote: Remote, key: str, schema: str, field: str) -> tuple[dict, str | None]:
-    doc = remote.get_doc(key, max_bytes=MAX_SHARD_BYTES)
-    return ({}, None) if doc is None else (parse_shard(doc.data, key, schema, field), doc.etag)
+    def once() -> tuple[dict, str | None]:
+        doc = remote.get_doc(key, max_bytes=MAX_SHARD_BYTES)
+        return ({}, None) if doc is None else (parse_shard(doc.data, key, schema, field), doc.etag)
+
+    return reread_torn(once)
 
 
 def _cas_shard(remote: Remote, key: str, schema: str, field: str, edit: Callable[[dict], bool]) -> None:
@@ -75,13 +78,17 @@ def _cas_shard(remote: Remote, key: str, schema: str, field: str, edit: Callable
 
 
 def _read_state(remote: Remote) -> tuple[dict, str | None]:
-    doc = remote.get_doc(STATE_KEY, max_bytes=MAX_STATE_BYTES)
+    doc, raw = reread_torn(lambda: _read_state_once(remote))
     if doc is None:
         return {"schema": STATE_SCHEMA, "mark": 0, "events": 0, "updated": ""}, None
-    raw = strict_json(doc.data, STATE_KEY, MAX_STATE_BYTES)
     if not isinstance(raw, dict) or raw.get("schema") != STATE_SCHEMA or not isinstance(raw.get("mark"), int):
         raise IntegrityError(f"{STATE_KEY}: not a compaction state document")
     return raw, doc.etag
+
+
+def _read_state_once(remote: Remote) -> tuple[Any, Any]:
+    doc = remote.get_doc(STATE_KEY, max_bytes=MAX_STATE_BYTES)
+    return (None, None) if doc is None else (doc, strict_json(doc.data, STATE_KEY, MAX_STATE_BYTES))
 
 
 def _event_ms(key: str) -> int | None:

@@ -16,6 +16,7 @@ EXIT_REMOTE = 6  # the remote failed after retries (network, 5xx, permissions)
 EXIT_INCOMPATIBLE = 7  # a concept for another base, covariances that differ
 EXIT_OFFLINE = 8  # offline mode and the thing is not available locally
 EXIT_UNTRUSTED = 9  # a signature check failed under an enforcing trust policy
+EXIT_REFUSED = 10  # the remote lacks a capability publishing needs (conditional writes); see --single-writer
 
 EXIT_CODES = {
     EXIT_OK: "success",
@@ -28,6 +29,7 @@ EXIT_CODES = {
     EXIT_INCOMPATIBLE: "incompatible: concept and base (or covariances) do not match",
     EXIT_OFFLINE: "offline and not available locally",
     EXIT_UNTRUSTED: "untrusted: signature missing or invalid under an enforcing policy",
+    EXIT_REFUSED: "refused: the remote lacks conditional writes (see `pfx remote add --single-writer`)",
 }
 
 
@@ -74,6 +76,12 @@ class IntegrityError(PfxError):
     exit_code = EXIT_INTEGRITY
 
 
+class MalformedDocument(IntegrityError):
+    """Bytes that are not JSON at all (truncated, empty, cut inside a UTF-8 sequence), as opposed to
+    JSON that breaks a rule (duplicate keys, NaN, wrong schema). A store without atomic PUT can show a
+    reader a document half-written, so readers of mutable documents retry this one a few times."""
+
+
 class RemoteError(PfxError):
     exit_code = EXIT_REMOTE
 
@@ -88,3 +96,10 @@ class OfflineError(PfxError):
 
 class Untrusted(PfxError):
     exit_code = EXIT_UNTRUSTED
+
+
+class CapabilityRefused(PfxError):
+    """The remote was probed and lacks a feature safe publishing needs (If-None-Match / If-Match);
+    not a failure of the remote (that is RemoteError, exit 6) but a refusal by pfx."""
+
+    exit_code = EXIT_REFUSED

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from registry.errors import Incompatible, IntegrityError
+from registry.errors import Incompatible, IntegrityError, MalformedDocument
 from registry.names import is_digest, validate_name
 from registry.versions import parse_version
 
@@ -209,7 +209,9 @@ def strict_json(data: bytes, where: str, cap: int | None = None, *, allow_consta
     try:
         return json.loads(bytes(data).decode("utf-8"), object_pairs_hook=_no_dup,
                           parse_constant=None if allow_constants else _reject_constant)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:  # not JSON at all: maybe a torn read
+        raise MalformedDocument(f"{where}: not valid JSON ({e})") from None
+    except ValueError as e:  # JSON that breaks a rule (duplicate key, NaN): never a torn read
         raise IntegrityError(f"{where}: not valid JSON ({e})") from None
     except RecursionError:  # a few KB of '[' fit under any size cap
         raise IntegrityError(f"{where}: JSON nested too deeply; refused") from None

@@ -17,17 +17,28 @@ Order of writes for `publish` (each step is safe to crash after, and safe to rep
    the same package contend there; the edit is idempotent, so a lost response is harmless.
 
 Installs by exact version work from step 3 on (resolve falls back to the claim).
+
+No half-published version outlives a failure between steps 3 and 4: a rerun of the publish resumes
+it; the home remembers the publish until step 4 is done, so the next publish, yank, tag or compact
+from that home to that remote completes it first; `pfx registry compact` completes it from the
+journal event from any home; and yank/tag of that exact version list it from its claim.
+
+Before any write, `registry.capabilities.prepare_writes` applies the remote's probed capabilities
+(the If-Match ETag spelling; refusal or --single-writer mode where a conditional write is missing).
 """
 
 from __future__ import annotations
 
+import json
 import random
 import secrets
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from registry.capabilities import CAPS_KEY, prepare_writes, probe, record_probe, recorded_probe
 from registry.documents import MAX_PACKAGE_BYTES, PackageDoc, make_claim, parse_package_doc, summary_of
 from registry.errors import (
     Conflict,
@@ -51,12 +62,13 @@ from registry.remotes.base import (
     manifest_key,
     package_key,
 )
-from registry.resolve import fetch_package, read_claim
+from registry.resolve import fetch_manifest, fetch_package, read_claim, reread_torn
 from registry.signing import choose_signer, sig_key
 from registry.versions import parse_version
 
 CAS_ATTEMPTS = 40
-CAPS_KEY = "remote-caps:{url}"
+UNFINISHED = "unfinished-publish:"  # home kv, per remote: a publish whose index update is not done yet
+UNFINISHED_GRACE_S = 3600  # an unclaimed record this young may be a publish still running in another process
 REGISTRY_CONFIG = {"format": "pfx-registry", "layout": 1, "search_shard_hex": 3}
 ADD_REMOTE_HINT = "pfx remote add NAME s3://bucket/prefix --default"
 
@@ -87,65 +99,13 @@ def target_remote(home: Any, to: str | None, **options) -> Remote:
     return remote
 
 
-def probe(remote: Remote) -> dict:
-    """Does the store honour conditional writes? Checks, on throwaway keys under `probe/`:
-    a second If-None-Match: * create must fail, and a swap with a stale ETag must fail. Stores that
-    silently ignore these headers would let two publishers overwrite each other's claims and index."""
-    tok = secrets.token_hex(8)
-    k1, k2 = f"probe/{tok}-create", f"probe/{tok}-cas.json"
-    out = {"conditional_create": False, "compare_and_swap": False, "error": None}
-    try:
-        first = remote.put_if_absent(k1, b"probe-1")
-        second = remote.put_if_absent(k1, b"probe-2")
-        out["conditional_create"] = bool(first) and not second
-        e1 = remote.put_doc(k2, b'{"n":1}', etag=None)
-        remote.put_doc(k2, b'{"n":2}', etag=e1)
-        try:
-            remote.put_doc(k2, b'{"n":3}', etag=e1)
-            stale_won = True
-        except CasFailed:
-            stale_won = False
-        doc = remote.get_doc(k2, max_bytes=64)
-        out["compare_and_swap"] = not stale_won and doc is not None and doc.data == b'{"n":2}'
-    except PfxError as e:
-        out["error"] = str(e).splitlines()[0]
-    except Exception as e:  # noqa: BLE001 - e.g. 501 NotImplemented for conditional headers
-        out["error"] = f"{type(e).__name__}: {e}"
-    finally:
-        for k in (k1, k2):
-            try:
-                remote.delete(k)
-            except Exception:  # noqa: BLE001, S110 - best effort cleanup
-                pass
-    out["ok"] = out["conditional_create"] and out["compare_and_swap"]
-    return out
+def ensure_publishable(home: Any, remote: Remote, action: str = "publish") -> list[str]:
+    """Apply the remote's probed capabilities before a write (probing it now if it never was); refuse
+    a store without conditional writes unless the remote is in single-writer mode. Returns warnings."""
+    return prepare_writes(home, remote, action)
 
 
-def record_probe(home: Any, remote: Remote, result: dict) -> None:
-    """Kept in the home's remote cache under the remote's name (dropped by `pfx remote remove`)."""
-    home.kv_set(CAPS_KEY.format(url=remote.url), result, None, remote=remote.name)
-
-
-def recorded_probe(home: Any, remote: Remote) -> dict | None:
-    got = home.kv_get(CAPS_KEY.format(url=remote.url), remote=remote.name)
-    return got["value"] if got and isinstance(got.get("value"), dict) else None
-
-
-def ensure_publishable(home: Any, remote: Remote) -> None:
-    """Refuse a remote whose probe failed, unless it was added in single-writer mode. A remote
-    configured without `pfx remote add` (never probed) is probed now, once."""
-    if remote.single_writer:
-        return
-    result = recorded_probe(home, remote)
-    if result is None:
-        result = probe(remote)
-        record_probe(home, remote, result)
-    if not result.get("ok"):
-        raise RemoteError(
-            f"remote '{remote.name}' ignores conditional writes (If-None-Match / If-Match); concurrent "
-            "publishers there could overwrite each other, so pfx will not publish to it",
-            hint=f"if you are its only publisher: pfx remote add {remote.name} {remote.url} --single-writer",
-        )
+__all__ = ["CAPS_KEY", "ensure_publishable", "probe", "record_probe", "recorded_probe"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -155,15 +115,9 @@ def ensure_publishable(home: Any, remote: Remote) -> None:
 def put_immutable(remote: Remote, key: str, data: bytes) -> bool:
     """Create a content-addressed object. True if we wrote it; False if it was there already (its
     size is checked; its bytes are verified by every reader anyway)."""
-    if remote.single_writer:
-        size = remote.head_size(key)
-        if size is None:
-            remote.put_if_absent(key, data)
-            return True
-    elif remote.put_if_absent(key, data):
+    if remote.put_if_absent(key, data):
         return True
-    else:
-        size = remote.head_size(key)
+    size = remote.head_size(key)
     if size is not None and size != len(data):
         raise IntegrityError(
             f"{key} on {remote.describe()} has {size} bytes, expected {len(data)}: the remote object is corrupt",
@@ -178,9 +132,13 @@ def update_package(remote: Remote, name: str, mutate: Callable[[PackageDoc], boo
     `mutate` edits the doc in place and returns False when there is nothing to do (then nothing is
     written), which makes every caller idempotent: a retry after a lost response finds its own edit."""
     key = package_key(name)
-    for attempt in range(CAS_ATTEMPTS):
+
+    def read() -> tuple[Any, PackageDoc]:
         doc = remote.get_doc(key, max_bytes=MAX_PACKAGE_BYTES)
-        pkg = parse_package_doc(doc.data, expect_name=name) if doc else PackageDoc(name)
+        return doc, parse_package_doc(doc.data, expect_name=name) if doc else PackageDoc(name)
+
+    for attempt in range(CAS_ATTEMPTS):
+        doc, pkg = reread_torn(read)
         if not mutate(pkg):
             return pkg
         try:
@@ -188,8 +146,10 @@ def update_package(remote: Remote, name: str, mutate: Callable[[PackageDoc], boo
             return pkg
         except CasFailed:
             time.sleep(random.uniform(0, min(1.0, 0.01 * 2 ** min(attempt, 7))))
-    raise Conflict(f"could not update the index of {name} on {remote.describe()} after {CAS_ATTEMPTS} tries",
-                   hint="many publishers are editing this concept at once; retry")
+    raise Conflict(f"could not update the index of {name} on {remote.describe()} after {CAS_ATTEMPTS} tries: "
+                   "it changed between every read and write",
+                   hint="others are editing this concept at once: retry (a rerun completes this edit); if nobody "
+                        f"else is, re-probe the store: pfx remote probe {remote.name}")
 
 
 def _highest_release(pkg: PackageDoc) -> str | None:
@@ -260,13 +220,9 @@ def publish_manifest(remote: Remote, m: Manifest, read_blob: Callable[[str], byt
     write_event(remote, m.name, m.version, m.digest)
     claim = make_claim(m.name, m.version, m.digest, now_iso())
     resumed = False
-    if remote.single_writer:
+    # Single-writer mode on a store that ignores If-None-Match: put_if_absent checks, then writes.
+    if not remote.put_if_absent(claim_key(m.name, m.version), claim):
         existing = read_claim(remote, m.name, m.version)
-        created = existing is None and remote.put_if_absent(claim_key(m.name, m.version), claim)
-    else:
-        existing, created = None, remote.put_if_absent(claim_key(m.name, m.version), claim)
-    if not created:
-        existing = existing or read_claim(remote, m.name, m.version)
         if existing is None:
             raise RemoteError(f"claim for {m.ref()} on {remote.describe()} vanished after a conflict")
         if existing["manifest"] != m.digest:
@@ -295,25 +251,99 @@ def publish(home: Any, ref_text: str, *, to: str | None = None, move_latest: boo
         raise NotFound(f"{ref_text} is not in the local store", hint="train it first, or `pfx install` it")
     m = home.manifest(row["manifest"])
     signer = choose_signer(home, sign=sign, key=key)  # before any network: a bad key fails fast
-    remote = target_remote(home, to, **options)
-    ensure_publishable(home, remote)
+    remote, warnings, completed = writable_remote(home, to, "publish", **options)
     sigs = [(signer.keyid, signer.sign(m.digest))] if signer else []
-    res = publish_manifest(remote, m, home.store.read_bytes, move_latest=move_latest, progress=progress,
-                           signatures=sigs)
+    remember_unfinished(home, remote, m, move_latest)
+    try:
+        res = publish_manifest(remote, m, home.store.read_bytes, move_latest=move_latest, progress=progress,
+                               signatures=sigs)
+    except VersionExists:  # another publisher's version: nothing of ours to complete later
+        forget_unfinished(home, remote, m.ref())
+        raise
+    forget_unfinished(home, remote, m.ref())
     if sigs:  # keep our own signature locally too, so `pfx verify` and bundles can use it
         with home.index.write() as c:
             home.index.insert_signatures(c, m.digest, sigs)
-    return res
+    return {**res, "warnings": warnings, "completed": completed}
+
+
+# --------------------------------------------------------------------------------------------------
+# Writable remotes, and publishes a failure left unlisted
+
+
+def writable_remote(home: Any, name: str | None, action: str, **options) -> tuple[Remote, list[str], list[str]]:
+    """The remote to write to, ready for writes: (remote, warnings to show, refs completed).
+
+    Probes it if it never was (registry/capabilities.py), refuses a store without conditional writes
+    unless in single-writer mode, then completes this home's publishes that a failure left unlisted."""
+    remote = target_remote(home, name, **options)
+    warnings = ensure_publishable(home, remote, action)
+    return remote, warnings, complete_unfinished(home, remote)
+
+
+def remember_unfinished(home: Any, remote: Remote, m: Manifest, move_latest: bool) -> None:
+    home.kv_set(UNFINISHED + m.ref(), {"manifest": m.digest, "move_latest": move_latest}, None, remote=remote.name)
+
+
+def forget_unfinished(home: Any, remote: Remote, ref: str) -> None:
+    home.kv_delete(UNFINISHED + ref, remote=remote.name)
+
+
+def complete_unfinished(home: Any, remote: Remote) -> list[str]:
+    """List the versions this home claimed on `remote` whose index update a failure (crash, network,
+    lost CAS) cut off; drop records of publishes that never reached their claim. Returns the refs listed.
+    A failure here leaves the records for next time: it never fails the command that called it."""
+    rows = home.index.conn.execute("SELECT key, body, fetched_at FROM remote_cache WHERE remote = ? AND key LIKE ?",
+                                   (remote.name, UNFINISHED + "%")).fetchall()
+    by_name: dict[str, list[tuple[str, Manifest, bool]]] = defaultdict(list)
+    for key, body, since in rows:
+        ref = key[len(UNFINISHED):]
+        try:
+            rec = json.loads(body)
+            m = home.manifest(rec["manifest"])
+            claim = read_claim(remote, m.name, m.version)
+        except (PfxError, ValueError, KeyError, TypeError, OSError):
+            continue
+        if claim is None or claim["manifest"] != m.digest:  # never claimed (or not by us): nothing to list
+            if claim is not None or time.time() - float(since or 0) > UNFINISHED_GRACE_S:  # (or still on its way)
+                forget_unfinished(home, remote, ref)
+            continue
+        by_name[m.name].append((ref, m, bool(rec.get("move_latest", True))))
+    done: list[str] = []
+    for name, items in by_name.items():
+        added: list[str] = []
+
+        def mutate(pkg: PackageDoc, items=items, added=added) -> bool:
+            added.clear()  # called again after a lost swap: count the last (written) edit only
+            for ref, m, move in items:
+                if m.version not in pkg.versions:
+                    add_version(pkg, m, move_latest=move)
+                    added.append(ref)
+            return bool(added)
+
+        try:
+            update_package(remote, name, mutate)
+        except PfxError:
+            continue
+        for ref, _, _ in items:
+            forget_unfinished(home, remote, ref)
+        done += added
+    return done
 
 
 # --------------------------------------------------------------------------------------------------
 # yank and tag
 
 
-def _index_target(home: Any, remote_name: str | None, **options) -> Remote:
-    remote = target_remote(home, remote_name, **options)
-    ensure_publishable(home, remote)
-    return remote
+def _claimed_unlisted(remote: Remote, ref: Any, pkg: PackageDoc | None) -> Manifest | None:
+    """An exact version with a claim but not in the index (a publish cut off before its index update):
+    its manifest, so the edit can list it first."""
+    if ref.kind != "version" or (pkg is not None and ref.selector in pkg.versions):
+        return None
+    claim = read_claim(remote, ref.name, ref.selector)
+    if claim is None:
+        return None
+    return fetch_manifest(remote, claim["manifest"], expect_name=ref.name, expect_version=ref.selector)
 
 
 def yank(home: Any, ref_text: str, *, remote_name: str | None = None, undo: bool = False, **options) -> dict:
@@ -322,16 +352,21 @@ def yank(home: Any, ref_text: str, *, remote_name: str | None = None, undo: bool
     ref = parse_ref(ref_text)
     if ref.kind not in ("version", "digest"):
         raise UsageError(f"yank needs an exact version or digest, e.g. {ref.name}@1.2.0")
-    remote = _index_target(home, remote_name, **options)
+    remote, warnings, completed = writable_remote(home, remote_name, "yank", **options)
     found: dict = {}
+    current = fetch_package(remote, ref.name)
+    unlisted = _claimed_unlisted(remote, ref, current)
+    if current is None and unlisted is None:
+        raise NotFound(f"{ref.name} is not on {remote.describe()}")
 
     def mutate(pkg: PackageDoc) -> bool:
+        changed = bool(unlisted) and unlisted.version not in pkg.versions and add_version(pkg, unlisted)
         hit = next((v for v, e in pkg.versions.items()
                     if (ref.kind == "version" and v == ref.selector) or e["manifest"] == ref.selector), None)
         if hit is None:
             raise NotFound(f"{ref_text} is not listed on {remote.describe()}")
         found["version"] = hit
-        changed = pkg.versions[hit]["yanked"] != (not undo)
+        changed |= pkg.versions[hit]["yanked"] != (not undo)
         pkg.versions[hit]["yanked"] = not undo
         if not undo and pkg.tags.get("latest") == hit:
             nxt = _highest_release(pkg)
@@ -347,33 +382,33 @@ def yank(home: Any, ref_text: str, *, remote_name: str | None = None, undo: bool
                 changed = True
         return changed
 
-    if fetch_package(remote, ref.name) is None:
-        raise NotFound(f"{ref.name} is not on {remote.describe()}")
     pkg = update_package(remote, ref.name, mutate)
     return {"name": ref.name, "version": found.get("version"), "yanked": not undo, "remote": remote.name,
-            "tags": dict(pkg.tags)}
+            "tags": dict(pkg.tags), "warnings": warnings, "completed": completed}
 
 
 def tag(home: Any, ref_text: str, tag_name: str, *, remote_name: str | None = None, **options) -> dict:
     """Point `tag_name` at the version `ref_text` selects (never a yanked one)."""
     validate_tag(tag_name)
     ref = parse_ref(ref_text)
-    remote = _index_target(home, remote_name, **options)
+    remote, warnings, completed = writable_remote(home, remote_name, "tag", **options)
     found: dict = {}
+    current = fetch_package(remote, ref.name)
+    unlisted = _claimed_unlisted(remote, ref, current)
+    if current is None and unlisted is None:
+        raise NotFound(f"{ref.name} is not on {remote.describe()}")
 
     def mutate(pkg: PackageDoc) -> bool:
+        changed = bool(unlisted) and unlisted.version not in pkg.versions and add_version(pkg, unlisted)
         entry = pkg.select(ref)
         if entry.get("yanked"):
             raise UsageError(f"{ref.name}@{entry['version']} is yanked and cannot be tagged")
         found["version"] = entry["version"]
         if pkg.tags.get(tag_name) == entry["version"]:
-            return False
+            return changed
         pkg.tags[tag_name] = entry["version"]
         return True
 
-    if fetch_package(remote, ref.name) is None:
-        raise NotFound(f"{ref.name} is not on {remote.describe()}")
     pkg = update_package(remote, ref.name, mutate)
     return {"name": ref.name, "tag": tag_name, "version": found["version"], "remote": remote.name,
-            "tags": dict(pkg.tags)}
-
+            "tags": dict(pkg.tags), "warnings": warnings, "completed": completed}

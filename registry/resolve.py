@@ -6,28 +6,56 @@ found; a manifest must hash to the digest it was fetched by and name the package
 Resolution cost does not depend on the registry's size: an exact `name@1.2.0` costs one GET of the
 package document (a claim GET as a fallback when the index lags a crashed publisher) plus one GET of
 the manifest; a digest pin costs the manifest GET alone. Nothing here lists the store.
+
+Mutable documents (package documents, claims being created, search shards) are read through
+`reread_torn`: on a store without atomic PUT a read during a write can return a document cut short,
+which parses as no JSON at all (MalformedDocument); that read is repeated a few times with backoff
+before it counts as corrupt. JSON that breaks a rule (duplicate keys, NaN, wrong schema) is refused
+at once.
 """
 
 from __future__ import annotations
 
+import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from registry.documents import MAX_CLAIM_BYTES, MAX_PACKAGE_BYTES, PackageDoc, parse_claim, parse_package_doc
-from registry.errors import IntegrityError, NotFound
+from registry.errors import IntegrityError, MalformedDocument, NotFound
 from registry.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from registry.names import Ref
 from registry.remotes.base import KeyMissing, Remote, claim_key, manifest_key, package_key
 
+T = TypeVar("T")
+TORN_READ_ATTEMPTS = 5  # waits of up to 0.05, 0.1, 0.2, 0.4 s: a PUT of a small document is long done
+
+
+def reread_torn(read: Callable[[], T], attempts: int = TORN_READ_ATTEMPTS) -> T:
+    """`read()` (GET + parse), repeated while what comes back is not JSON at all: a torn read of a
+    document being written on a store without atomic PUT. The last failure is raised as it is."""
+    for attempt in range(attempts):
+        try:
+            return read()
+        except MalformedDocument:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(random.uniform(0.5, 1.0) * 0.05 * 2**attempt)
+    raise AssertionError("unreachable")
+
 
 def read_claim(remote: Remote, name: str, version: str) -> dict | None:
-    try:
-        data = remote.get(claim_key(name, version), max_bytes=MAX_CLAIM_BYTES)
-    except KeyMissing:
-        return None
-    except IntegrityError as e:  # over the cap: say which claim, not only its hashed key
-        raise IntegrityError(f"claim for {name}@{version}: {e}") from None
-    return parse_claim(data, expect_name=name, expect_version=version)
+    def once() -> dict | None:
+        try:
+            data = remote.get(claim_key(name, version), max_bytes=MAX_CLAIM_BYTES)
+        except KeyMissing:
+            return None
+        except IntegrityError as e:  # over the cap: say which claim, not only its hashed key
+            raise IntegrityError(f"claim for {name}@{version}: {e}") from None
+        return parse_claim(data, expect_name=name, expect_version=version)
+
+    return reread_torn(once)
 
 
 
@@ -57,6 +85,11 @@ def fetch_package_doc(remote: Remote, name: str, cached: tuple[bytes, str] | Non
                       ) -> tuple[PackageDoc | None, tuple[bytes, str] | None]:
     """(package doc or None, fresh (bytes, ETag) to cache or None). Thread-safe: touches no SQLite.
     With `cached`, the GET carries If-None-Match and an unchanged doc comes back without a body."""
+    return reread_torn(lambda: _fetch_package_doc(remote, name, cached))
+
+
+def _fetch_package_doc(remote: Remote, name: str, cached: tuple[bytes, str] | None
+                       ) -> tuple[PackageDoc | None, tuple[bytes, str] | None]:
     key = package_key(name)
     try:
         doc = remote.get_doc(key, max_bytes=MAX_PACKAGE_BYTES, if_none_match=cached[1] if cached else None)

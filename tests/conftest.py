@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from tests.s3server import bucket, s3_url  # noqa: F401  (fixtures: a module's moto server, a fresh bucket)
+from tests.s3server import bucket, pytest_generate_tests, s3_url  # noqa: F401  (fixtures: a module's S3 server, a fresh bucket; S3_SERVERS)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 
 import pytest
 
@@ -82,11 +83,42 @@ def isolate_aws_env(monkeypatch, config_file, credentials_file=None) -> None:
 # the same name wins); `aws_env` is autouse in the modules that import it.
 
 
+class Endpoint(str):
+    """An S3 endpoint URL that also says which server it is (`kind`: "moto" or "rgw")."""
+
+    kind: str
+
+    def __new__(cls, url: str, kind: str) -> Self:
+        e = super().__new__(cls, url)
+        e.kind = kind
+        return e
+
+    def __reduce__(self):  # picklable (multiprocessing passes endpoints to child processes)
+        return (Endpoint, (str(self), self.kind))
+
+
+def pytest_generate_tests(metafunc):
+    """A module that sets `S3_SERVERS = ("moto", "rgw")` runs each test using `s3_url` on every server
+    named (tests/conftest.py imports this hook); other modules get moto alone, unparametrized."""
+    servers = getattr(metafunc.module, "S3_SERVERS", None)
+    if servers and "s3_url" in metafunc.fixturenames:
+        metafunc.parametrize("s3_url", list(servers), indirect=True, scope="module")
+
+
 @pytest.fixture(scope="module")
-def s3_url():
-    """A moto S3 server for the module."""
+def s3_url(request):
+    """An S3 endpoint for the module: a moto server, or (param "rgw") the session's Ceph RGW
+    (tests/kit/servers.py; skipped with the reason where the Ceph packages are not installed)."""
+    kind = getattr(request, "param", "moto")
+    if kind == "rgw":
+        from tests.kit.servers import rgw_skip_reason, shared_rgw
+
+        if (why := rgw_skip_reason()) is not None:
+            pytest.skip(why)
+        yield Endpoint(shared_rgw().endpoint, "rgw")
+        return
     with moto_server() as url:
-        yield url
+        yield Endpoint(url, "moto")
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,5 @@
 """The remote-facing commands through click's CliRunner and as real `pfx` subprocesses against the
-local S3 server (exit codes, --json, error hints)."""
+local S3 servers, moto and Ceph RGW (exit codes, --json, error hints)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,14 @@ import os
 import subprocess
 import uuid
 
-import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
 from registry.home import Home
 from tests.conceptgen import add_concept
-from tests.s3server import S3_ENV, make_bucket, moto_server
+from tests.s3server import S3_ENV, make_bucket
 
-
-@pytest.fixture(scope="module")
-def s3_url():
-    with moto_server() as url:
-        yield url
+S3_SERVERS = ("moto", "rgw")  # each test using s3_url runs on both (tests/s3server.py)
 
 
 def _invoke(home, *args):

@@ -1,4 +1,4 @@
-"""Concurrent publishers (separate processes) against the single-threaded S3 server, whose
+"""Concurrent publishers (separate processes) against the single-threaded moto server and Ceph RGW, whose
 conditional writes are atomic as on real S3: one winner per version, no version lost in the index."""
 
 from __future__ import annotations
@@ -14,16 +14,12 @@ import pytest
 
 from registry.remotes import open_remote
 from registry.resolve import fetch_package, read_claim
-from tests.s3server import S3_ENV, make_bucket, moto_server
+from tests.s3server import S3_ENV, make_bucket
+
+S3_SERVERS = ("moto", "rgw")  # each test using s3_url runs on both (tests/s3server.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = "import sys; from tests.conceptgen import publish_worker; publish_worker(*sys.argv[1:])"
-
-
-@pytest.fixture(scope="module")
-def s3_url():
-    with moto_server() as url:
-        yield url
 
 
 def _run(tmp_path, s3_url, url, jobs):

@@ -38,6 +38,8 @@ from registry.signing import (
 from tests.conceptgen import add_concept
 from tests.s3server import aws_env, fault_proxy  # noqa: F401  (aws_env: autouse fixture)
 
+S3_SERVERS = ("moto", "rgw")  # each test using s3_url runs on both (tests/s3server.py)
+
 
 def _home(tmp_path, label, url, endpoint):
     h = Home.open(tmp_path / label, offline=False)

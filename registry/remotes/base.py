@@ -93,6 +93,15 @@ class Remote(ABC):
     url: str
     read_only: bool = False
     single_writer: bool = False
+    # How conditional writes are sent, set from the capability probe (registry/capabilities.py). An S3
+    # store may match only one spelling of the ETag in If-Match (Ceph RGW 16 only the unquoted one:
+    # etag_form "unquoted"); in --single-writer mode a store that ignores a header gets writes without
+    # it (conditional_create / conditional_swap False: check, then write). A file:// remote is always
+    # atomic and conditional and ignores these.
+    etag_forms: tuple[str, ...] = ("opaque",)  # the spellings this remote can send (the probe tries each)
+    etag_form: str = "opaque"
+    conditional_create: bool = True
+    conditional_swap: bool = True
 
     @abstractmethod
     def get(self, key: str, *, max_bytes: int) -> bytes:
@@ -130,6 +139,10 @@ class Remote(ABC):
 
     def describe(self) -> str:
         return f"{self.name} ({self.url})"
+
+    def server(self) -> str | None:
+        """What the store says it is (the HTTP Server header of its last answer), if anything."""
+        return None
 
     def check_writable(self) -> None:
         if self.read_only:

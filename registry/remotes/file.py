@@ -40,6 +40,9 @@ class FileRemote(Remote):
         self.read_only = read_only
         self.single_writer = single_writer
 
+    def server(self) -> str | None:
+        return "local filesystem"
+
     # -- paths ---------------------------------------------------------------------------------
     def _path(self, key: str) -> Path:
         """Keys are built by this package from hex digests and checked versions; refuse anything else."""

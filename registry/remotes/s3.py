@@ -11,6 +11,15 @@ installing a thousand concepts never opens a thousand sockets.
 
 The endpoint comes from the remote's `endpoint_url`, else botocore's own chain (AWS_ENDPOINT_URL,
 AWS_ENDPOINT_URL_S3, config files); credentials from the remote's profile or the standard chain.
+
+Conditional writes, as the capability probe found them (registry/capabilities.py sets the attributes):
+* `etag_form`: AWS, moto and s3rver match `If-Match: "<md5>"` (the ETag exactly as returned, quoted);
+  Ceph RGW 16 answers 412 to the quoted form and matches only `If-Match: <md5>`. Both spellings are
+  conditional where they are honoured; the probe picks the one the store matches *and* checks that a
+  stale ETag in that spelling is refused, so a swap is never weakened into an overwrite.
+* `conditional_create` / `conditional_swap` False (only in --single-writer mode, only for a store the
+  probe recorded as ignoring the header): no header is sent; the write checks first (HEAD), then
+  writes. Correct only with one writer, which is what the mode promises.
 """
 
 from __future__ import annotations
@@ -49,7 +58,16 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, (prefix + "/" if prefix else "")
 
 
+def etag_core(etag: str) -> str:
+    """The ETag without quotes (and without a weak-validator prefix): the form RGW matches."""
+    e = etag.strip()
+    return e.removeprefix("W/").strip('"')
+
+
 class S3Remote(Remote):
+    etag_forms = ("quoted", "unquoted")
+    etag_form = "quoted"
+
     def __init__(
         self,
         name: str,
@@ -73,7 +91,14 @@ class S3Remote(Remote):
         self.bucket, self.prefix = parse_s3_url(url)
         self.read_only, self.single_writer = read_only, single_writer
         self.attempts, self.backoff_base, self.backoff_cap = attempts, backoff_base, backoff_cap
-        session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
+        from botocore.exceptions import ProfileNotFound
+
+        try:
+            session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
+        except ProfileNotFound as e:
+            raise RemoteError(f"remote '{name}': {e}", hint="define the profile in ~/.aws/config or "
+                              "~/.aws/credentials (AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE), or re-add "
+                              "the remote without --profile") from None
         import os
 
         custom = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -87,11 +112,21 @@ class S3Remote(Remote):
         self.client = session.client("s3", endpoint_url=endpoint_url or None, config=cfg)
         self._lock = threading.Lock()
         self.requests = 0  # HTTP requests sent (retries included): the figure DESIGN.md counts
+        self._server: str | None = None
         self.client.meta.events.register("before-send.s3", self._count)
+        self.client.meta.events.register("after-call.s3", self._seen)
 
     def _count(self, **_: Any) -> None:
         with self._lock:
             self.requests += 1
+
+    def _seen(self, http_response: Any = None, **_: Any) -> None:
+        server = getattr(http_response, "headers", {}).get("Server") if http_response is not None else None
+        if server:
+            self._server = str(server)[:200]
+
+    def server(self) -> str | None:
+        return self._server
 
     def _k(self, key: str) -> str:
         return self.prefix + key
@@ -122,6 +157,8 @@ class S3Remote(Remote):
 
         if isinstance(e, ClientError):
             status, code = self._status(e)
+            if status == 501 or code == "NotImplemented":  # a feature the store lacks: asking again won't help
+                return False
             return status == 429 or status >= 500 or code in RETRY_CODES
         return isinstance(e, (ConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError,
                               FlexibleChecksumError, Urllib3Error, OSError))
@@ -209,15 +246,27 @@ class S3Remote(Remote):
             raise self._client_error(e, key) from None
         return int(r.get("ContentLength") or 0) or None, r["Body"].iter_chunks(chunk_size)
 
-    def head_size(self, key: str) -> int | None:
+    def _head(self, key: str) -> dict | None:
         try:
-            r = self._call(f"HEAD {key}", lambda: self.client.head_object(Bucket=self.bucket, Key=self._k(key)))
+            return self._call(f"HEAD {key}", lambda: self.client.head_object(Bucket=self.bucket, Key=self._k(key)))
         except Exception as e:  # noqa: BLE001
             err = self._client_error(e, key)
             if isinstance(err, KeyMissing):
                 return None
             raise err from None
-        return int(r["ContentLength"])
+
+    def head_size(self, key: str) -> int | None:
+        r = self._head(key)
+        return None if r is None else int(r["ContentLength"])
+
+    def head_etag(self, key: str) -> str | None:
+        r = self._head(key)
+        return None if r is None else str(r["ETag"])
+
+    def if_match(self, etag: str) -> str:
+        """The If-Match value for `etag` in the spelling this store matches (see the module doc)."""
+        core = etag_core(etag)
+        return f'"{core}"' if self.etag_form == "quoted" else core
 
     # -- conditional writes ----------------------------------------------------------------------
     def _put(self, key: str, data: bytes, **cond: str) -> str:
@@ -238,7 +287,7 @@ class S3Remote(Remote):
             # A single-part PUT's ETag is the MD5 of the bytes the store received, so other bytes than
             # ours arrived (altered in transit; a store that checks no checksum keeps them). Replace
             # exactly that object, or an immutable key would hold wrong bytes forever.
-            cond = {"IfMatch": etag}
+            cond = {"IfMatch": self.if_match(etag)} if self.conditional_swap else {}
             self.backoff(attempt)
         raise IntegrityError(f"PUT {key} on {self.describe()}: the store received other bytes than were sent, "
                              f"{self.attempts} times", hint="check the network path to the store (a proxy?)")
@@ -251,6 +300,11 @@ class S3Remote(Remote):
         self.check_writable()
         from botocore.exceptions import ClientError
 
+        if not self.conditional_create:  # single-writer mode on a store that ignores If-None-Match
+            if self._head(key) is not None:
+                return False
+            self._put(key, data)
+            return True
         try:
             self._put(key, data, IfNoneMatch="*")
             return True
@@ -263,7 +317,16 @@ class S3Remote(Remote):
         self.check_writable()
         from botocore.exceptions import ClientError
 
-        cond = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+        cond: dict[str, str]
+        if etag is None and self.conditional_create:
+            cond = {"IfNoneMatch": "*"}
+        elif etag is not None and self.conditional_swap:
+            cond = {"IfMatch": self.if_match(etag)}
+        else:  # single-writer mode on a store that ignores the header: check, then write
+            current = self.head_etag(key)
+            if (current is None) != (etag is None) or (etag and etag_core(current or "") != etag_core(etag)):
+                raise CasFailed(f"{key} changed since it was read")
+            cond = {}
         try:
             return self._put(key, data, **cond)
         except ClientError as e:
