@@ -11,6 +11,7 @@ from contextlib import ExitStack
 
 import click
 
+from cli.cmd_card import describe_card, filter_options
 from cli.output import emit, json_option, progress, table
 from registry.errors import OfflineError, PfxError
 
@@ -74,10 +75,12 @@ def install(ctx, refs, lock, remote, workers, as_json):
 @click.option("--remote", help="Search this remote only (default: installed concepts, then every remote).")
 @click.option("--local", "local_only", is_flag=True, help="Search installed concepts only.")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 200))
+@filter_options
 @json_option
 @click.pass_context
-def search(ctx, query, remote, local_only, limit, as_json):
-    """Search concepts by name, description, trigger, superclass and tags."""
+def search(ctx, query, remote, local_only, limit, filters, as_json):
+    """Search concepts by name, description, trigger, superclass and tags; the filters narrow by card
+    (superclass, base family, licence and permission flags, signed). QUERY may be '' with a filter."""
     from registry.install import candidate_remotes
     from registry.remotes import OfflineRemote
     from registry.search import search_remote
@@ -85,9 +88,11 @@ def search(ctx, query, remote, local_only, limit, as_json):
     home = _home(ctx)
     rows: list[dict] = []
     if not remote:
-        for r in home.search(query, limit):
+        for r in home.search(query, limit, **filters):
             rows.append({"name": r["name"], "version": r["version"], "description": r.get("description", ""),
-                         "source": "installed"})
+                         "source": "installed", **{k: r[k] for k in ("title", "license", "superclass",
+                                                                    "base_family", "permissions", "signers")
+                                                   if k in r}})
     if not local_only:
         for rem in candidate_remotes(home, remote):
             if isinstance(rem, OfflineRemote):
@@ -96,7 +101,7 @@ def search(ctx, query, remote, local_only, limit, as_json):
                                        hint="drop --offline / PFX_OFFLINE, or search installed concepts")
                 continue
             try:
-                found = search_remote(rem, query, limit)
+                found = search_remote(rem, query, limit, **filters)
             except PfxError as e:
                 if remote:
                     raise
@@ -104,11 +109,14 @@ def search(ctx, query, remote, local_only, limit, as_json):
                 continue
             for r in found:
                 rows.append({"name": r["name"], "version": r.get("version", ""),
-                             "description": r.get("description", ""), "source": rem.name})
+                             "description": r.get("description", ""), "source": rem.name,
+                             **{k: r[k] for k in ("title", "license", "superclass", "base_family", "permissions",
+                                                  "signers") if k in r}})
 
     def human(rs):
         if not rs:
-            click.echo(f"no concepts match {query!r}")
+            active = ", ".join(f"{k}={v}" for k, v in filters.items() if v is not None)
+            click.echo(f"no concepts match {query!r}" + (f" with {active}" if active else ""))
             return
         table(rs, [("name", "NAME"), ("version", "VERSION"), ("source", "FROM"), ("description", "DESCRIPTION")])
 
@@ -128,10 +136,14 @@ def info(ctx, ref, remote, as_json):
     row = None if remote else home.find_installed(ref)
     if row is not None:
         m = home.manifest(row["manifest"])
+        from registry.cards import card_view
+
         data = {"name": m.name, "version": m.version, "manifest": m.digest, "remote": row.get("remote"),
                 "installed": True, "yanked": bool(row.get("yanked")), "trigger": m.trigger,
                 "superclass": m.superclass, "description": m.description, "tags": list(m.tags),
-                "license": m.license, "base": m.raw["base"], "size": m.total_size(), "blobs": m.blobs()}
+                "license": m.license, "base": m.raw["base"], "size": m.total_size(), "blobs": m.blobs(),
+                "card": card_view(home, m),
+                "signers": [k for k, _ in home.index.signatures(m.digest)]}
     else:
         data = remote_info(home, ref, remote)
 
@@ -148,6 +160,11 @@ def info(ctx, ref, remote, as_json):
             click.echo(f"  {'versions':<12}{vs}")
         if d.get("dist_tags"):
             click.echo(f"  {'tags':<12}" + ", ".join(f"{t}={v}" for t, v in sorted(d["dist_tags"].items())))
+        if d.get("signers"):
+            click.echo(f"  {'signed by':<12}{', '.join(d['signers'])}")
+        if d.get("card"):
+            click.echo("card:")
+            click.echo("\n".join(describe_card(d["card"])))
 
     emit(data, as_json, human)
 
