@@ -341,7 +341,35 @@ def registry_compact(ctx, remote_name, rebuild, as_json):
     stats["remote"] = rem.name
     emit(stats, as_json, lambda s: click.echo(
         f"compacted {s['remote']}: {s['events']} event(s), {s['packages']} package(s) indexed, "
-        f"{s['repaired']} version(s) repaired"))
+        f"{s['repaired']} version(s) repaired"
+        + (f"; catalogue rewritten ({s['site']['packages']} package(s))" if s.get("site") else "")))
+
+
+@registry.command("site")
+@click.argument("remote_name", required=False)
+@json_option
+@click.pass_context
+def registry_site(ctx, remote_name, as_json):
+    """Write a static catalogue of the remote into it under site/ (index, a page per package and
+    version, client-side search); `pfx registry compact` keeps it up to date from then on."""
+    from registry.publish import target_remote
+    from registry.site import build_site
+
+    rem = target_remote(_home(ctx), remote_name)
+    stats = build_site(rem, warn=_warn)
+    url = rem.url.rstrip("/") + "/site/index.html"
+    stats["url"] = url
+
+    def human(s):
+        click.echo(f"wrote the catalogue of {s['remote']}: {s['packages']} package(s), {s['versions']} version(s), "
+                   f"{s['index_files']} search index file(s) ({s['index_bytes']:,} bytes) in {s['seconds']} s")
+        click.echo(f"  {url}")
+        if url.startswith("file://"):
+            root = url[len("file://"):].removesuffix("/site/index.html")
+            click.echo(f"  search needs http: python3 -m http.server -d {root} 8000, then "
+                       "http://127.0.0.1:8000/site/index.html")
+
+    emit(stats, as_json, human)
 
 
 def register(cli: click.Group) -> None:
