@@ -37,7 +37,7 @@ _CARD_OPTIONS = [
 
 def card_edits(values: dict) -> dict:
     """CLI values -> perfusion_hub.card.apply_card edits (None = unchanged)."""
-    from perfusion_hub.card import CardError, thumbnail_data_uri
+    from perfusion_hub.card import CardError, apply_card, thumbnail_data_uri
 
     out = {k: values.get(k) for k in ("title", "description", "trigger_phrase", "usage_hint", "author")}
     if values.get("tags") is not None:
@@ -53,7 +53,12 @@ def card_edits(values: dict) -> dict:
         except (OSError, CardError) as e:
             raise click.BadParameter(f"cannot make a thumbnail of {values['thumbnail']}: {e}",
                                      param_hint="--thumbnail") from None
-    return {k: v for k, v in out.items() if v is not None}
+    out = {k: v for k, v in out.items() if v is not None}
+    try:  # checked now, so that `pfx train` refuses a bad value before training, not after
+        apply_card({"name": "x"}, out)
+    except CardError as e:
+        raise click.BadParameter(str(e).removeprefix("card: ")) from None
+    return out
 
 
 def card_options(f):

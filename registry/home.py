@@ -481,7 +481,10 @@ class Home:
             return self.index.search(query, limit)
         out = []
         for r in self.index.search(query, 1 << 30):
-            card = dict(self.manifest(r["manifest"]).card)
+            try:
+                card = dict(self.manifest(r["manifest"]).card)
+            except (NotFound, IntegrityError):
+                continue  # a missing or rotten manifest: `pfx verify` reports it; search skips it
             card["signers"] = [k for k, _ in self.index.signatures(r["manifest"])]
             if matches(card, r["superclass"], filters):
                 out.append({**r, **{k: card[k] for k in ("title", "base_family", "permissions", "signers")}})
