@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import click
 
+from cli.cmd_card import card_options
 from cli.engine_store import base_covariance, base_value, concepts_for, installed_concepts, open_base
 from cli.output import emit, json_option, progress, table
 from registry.errors import NotFound, UsageError
@@ -71,14 +72,15 @@ def register(cli: click.Group) -> None:
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto")
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False), help="Tokenizer folder (single-file bases).")
 @click.option("--previews", type=click.IntRange(0, 16), default=2, show_default=True)
-@click.option("--license", "license_", default="", help="SPDX id recorded in the concept.")
-@click.option("--description", default="")
+@card_options
 @json_option
 @click.pass_obj
 def train(obj, photos, name, superclass, version_, base, steps, batch_size, micro_batch, seed, no_flip,
-          embedding_norm, devices, resume, fast, captions, device, dtype, tokenizer, previews, license_, description,
+          embedding_norm, devices, resume, fast, captions, device, dtype, tokenizer, previews, card_edits,
           as_json):
-    """Learn a concept from a folder of photos (optional masks/ beside them)."""
+    """Learn a concept from a folder of photos (optional masks/ beside them). The card options (title,
+    licence, permissions...) go into the file's header; the thumbnail defaults to the first preview."""
+    license_, description = card_edits.get("license", ""), card_edits.get("description", "")
     from registry.names import validate_name
     from registry.versions import parse_version
 
@@ -125,6 +127,14 @@ def train(obj, photos, name, superclass, version_, base, steps, batch_size, micr
         else:
             result = train_concept(b, photos, covariance=cov, progress=on_step,
                                    warn=lambda m: click.echo(f"warning: {m}", err=True), **kwargs)
+        edits = dict(card_edits)
+        if "thumbnail" not in edits and result.previews:
+            from perfusion_hub.card import thumbnail_data_uri
+
+            edits["thumbnail"] = thumbnail_data_uri(result.previews[0])
+        from perfusion_hub.card import edit_file
+
+        edit_file(result.path, edits)
         manifest = home.add_concept_file(
             result.path, previews=result.previews, description=description, license=license_,
             covariance={"digest": cov.digest, "size": len(cov.to_bytes()), "base_digest": b.digest,

@@ -11,6 +11,7 @@ from contextlib import ExitStack
 
 import click
 
+from cli.cmd_card import describe_card, filter_options
 from cli.output import emit, json_option, progress, table
 from registry.errors import OfflineError, PfxError
 
@@ -82,10 +83,12 @@ def install(ctx, refs, lock, remote, workers, as_json):
 @click.option("--remote", help="Search this remote only (default: installed concepts, then every remote).")
 @click.option("--local", "local_only", is_flag=True, help="Search installed concepts only.")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 200))
+@filter_options
 @json_option
 @click.pass_context
-def search(ctx, query, remote, local_only, limit, as_json):
-    """Search concepts by name, description, trigger, superclass and tags."""
+def search(ctx, query, remote, local_only, limit, filters, as_json):
+    """Search concepts by name, description, trigger, superclass and tags; the filters narrow by card
+    (superclass, base family, licence and permission flags, signed). QUERY may be '' with a filter."""
     from registry.install import candidate_remotes
     from registry.remotes import OfflineRemote
     from registry.search import search_remote
@@ -93,9 +96,11 @@ def search(ctx, query, remote, local_only, limit, as_json):
     home = _home(ctx)
     rows: list[dict] = []
     if not remote:
-        for r in home.search(query, limit):
+        for r in home.search(query, limit, **filters):
             rows.append({"name": r["name"], "version": r["version"], "description": r.get("description", ""),
-                         "source": "installed"})
+                         "source": "installed", **{k: r[k] for k in ("title", "license", "superclass",
+                                                                    "base_family", "permissions", "signers")
+                                                   if k in r}})
     if not local_only:
         for rem in candidate_remotes(home, remote):
             if isinstance(rem, OfflineRemote):
@@ -104,7 +109,7 @@ def search(ctx, query, remote, local_only, limit, as_json):
                                        hint="drop --offline / PFX_OFFLINE, or search installed concepts")
                 continue
             try:
-                found = search_remote(rem, query, limit)
+                found = search_remote(rem, query, limit, **filters)
             except PfxError as e:
                 if remote:
                     raise
@@ -112,11 +117,14 @@ def search(ctx, query, remote, local_only, limit, as_json):
                 continue
             for r in found:
                 rows.append({"name": r["name"], "version": r.get("version", ""),
-                             "description": r.get("description", ""), "source": rem.name})
+                             "description": r.get("description", ""), "source": rem.name,
+                             **{k: r[k] for k in ("title", "license", "superclass", "base_family", "permissions",
+                                                  "signers") if k in r}})
 
     def human(rs):
         if not rs:
-            click.echo(f"no concepts match {query!r}")
+            active = ", ".join(f"{k}={v}" for k, v in filters.items() if v is not None)
+            click.echo(f"no concepts match {query!r}" + (f" with {active}" if active else ""))
             return
         table(rs, [("name", "NAME"), ("version", "VERSION"), ("source", "FROM"), ("description", "DESCRIPTION")])
 
@@ -136,10 +144,14 @@ def info(ctx, ref, remote, as_json):
     row = None if remote else home.find_installed(ref)
     if row is not None:
         m = home.manifest(row["manifest"])
+        from registry.cards import card_view
+
         data = {"name": m.name, "version": m.version, "manifest": m.digest, "remote": row.get("remote"),
                 "installed": True, "yanked": bool(row.get("yanked")), "trigger": m.trigger,
                 "superclass": m.superclass, "description": m.description, "tags": list(m.tags),
-                "license": m.license, "base": m.raw["base"], "size": m.total_size(), "blobs": m.blobs()}
+                "license": m.license, "base": m.raw["base"], "size": m.total_size(), "blobs": m.blobs(),
+                "card": card_view(home, m),
+                "signers": [k for k, _ in home.index.signatures(m.digest)]}
     else:
         data = remote_info(home, ref, remote)
 
@@ -156,6 +168,11 @@ def info(ctx, ref, remote, as_json):
             click.echo(f"  {'versions':<12}{vs}")
         if d.get("dist_tags"):
             click.echo(f"  {'tags':<12}" + ", ".join(f"{t}={v}" for t, v in sorted(d["dist_tags"].items())))
+        if d.get("signers"):
+            click.echo(f"  {'signed by':<12}{', '.join(d['signers'])}")
+        if d.get("card"):
+            click.echo("card:")
+            click.echo("\n".join(describe_card(d["card"])))
 
     emit(data, as_json, human)
 
@@ -364,7 +381,35 @@ def registry_compact(ctx, remote_name, rebuild, as_json):
     _notes(stats)
     emit(stats, as_json, lambda s: click.echo(
         f"compacted {s['remote']}: {s['events']} event(s), {s['packages']} package(s) indexed, "
-        f"{s['repaired']} version(s) repaired"))
+        f"{s['repaired']} version(s) repaired"
+        + (f"; catalogue rewritten ({s['site']['packages']} package(s))" if s.get("site") else "")))
+
+
+@registry.command("site")
+@click.argument("remote_name", required=False)
+@json_option
+@click.pass_context
+def registry_site(ctx, remote_name, as_json):
+    """Write a static catalogue of the remote into it under site/ (index, a page per package and
+    version, client-side search); `pfx registry compact` keeps it up to date from then on."""
+    from registry.publish import target_remote
+    from registry.site import build_site
+
+    rem = target_remote(_home(ctx), remote_name)
+    stats = build_site(rem, warn=_warn)
+    url = rem.url.rstrip("/") + "/site/index.html"
+    stats["url"] = url
+
+    def human(s):
+        click.echo(f"wrote the catalogue of {s['remote']}: {s['packages']} package(s), {s['versions']} version(s), "
+                   f"{s['index_files']} search index file(s) ({s['index_bytes']:,} bytes) in {s['seconds']} s")
+        click.echo(f"  {url}")
+        if url.startswith("file://"):
+            root = url[len("file://"):].removesuffix("/site/index.html")
+            click.echo(f"  search needs http: python3 -m http.server -d {root} 8000, then "
+                       "http://127.0.0.1:8000/site/index.html")
+
+    emit(stats, as_json, human)
 
 
 def register(cli: click.Group) -> None:

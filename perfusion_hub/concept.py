@@ -7,7 +7,9 @@ dtype allowlist, shapes, offsets contiguous and in bounds, and the exact set of 
 
 Tensors (spec/perfusion.md section 4):
   token_embedding [D], target_input [D], superclass_input [D], value_target.<attn2 path> [d_l]
-Metadata (string -> string; JSON where structured) is listed in REQUIRED_METADATA.
+Metadata (string -> string; JSON where structured) is listed in REQUIRED_METADATA; the optional card keys
+(Stability AI ModelSpec `modelspec.*` keys, licence permissions, base family) are perfusion_hub.card's,
+checked here too. Files without them (written before the card existed) load as before.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from perfusion_hub import card as _card
 
 FORMAT = "pfx.concept"
 FORMAT_VERSION = "1"
@@ -198,6 +202,10 @@ def _check_concept_structure(meta: dict[str, str], tensors: dict[str, TensorInfo
         raise ConceptFormatError("metadata 'training' is not JSON") from None
     except RecursionError:
         raise ConceptFormatError("metadata 'training' JSON is nested too deeply") from None
+    try:
+        _card.check_card_metadata(meta)
+    except _card.CardError as e:
+        raise ConceptFormatError(str(e)) from None
     for k in VECTOR_KEYS:
         if k not in tensors:
             raise ConceptFormatError(f"tensor {k!r} is missing")
@@ -223,7 +231,17 @@ def read_header_bytes(data: bytes) -> ConceptHeader:
         raise ConceptFormatError(f"file is {len(data)} bytes, over the {MAX_CONCEPT_BYTES}-byte concept limit")
     meta, tensors, start = parse_safetensors_header(data, len(data))
     _check_concept_structure(meta, tensors)
+    check_tensor_hash(meta, data)
     return ConceptHeader(meta, tensors, start)
+
+
+def check_tensor_hash(meta: dict[str, str], data: bytes) -> None:
+    """A file that states modelspec.hash_sha256 must match it (the data section's sha256, card.py)."""
+    want = meta.get("modelspec.hash_sha256")
+    if want is not None and _card.tensor_hash(data) != want:
+        raise ConceptFormatError(
+            f"modelspec.hash_sha256 is {want[:18]}..., but the tensors hash to {_card.tensor_hash(data)[:18]}...: "
+            "the tensor data was changed after the header was written (a corrupt or tampered file)")
 
 
 def read_header(path: str | os.PathLike) -> ConceptHeader:
@@ -333,6 +351,9 @@ def concept_bytes(concept: Concept, *, dtype: str = "fp32") -> bytes:
     for k, v in concept.tensors().items():
         t = v.detach().to("cpu", torch_dtype).contiguous()
         tensors[k] = (code, tuple(t.shape), t.view(torch.uint8).numpy().tobytes())
+    # The card's ModelSpec keys (title, trigger phrase, architecture...) and the tensor-content hash.
+    meta = _card.apply_card(meta)
+    meta = _card.stamp_hash(meta, b"".join(tensors[k][2] for k in sorted(tensors)))
     data = serialize_safetensors(tensors, meta)
     read_header_bytes(data)  # never write a file we would refuse to read
     return data

@@ -15,7 +15,9 @@ import torch
 
 from perfusion_hub.concept import Concept
 from perfusion_hub.covariance import Covariance
+from perfusion_hub import __version__
 from perfusion_hub.errors import BadInput
+from perfusion_hub.infotext import format_infotext
 from perfusion_hub.loaders import load_concepts, runtime_of
 from perfusion_hub.prompts import parse_prompt
 
@@ -28,7 +30,8 @@ class RenderResult:
     params: dict = field(default_factory=dict)  # what the PNG text chunk records
 
     def save(self, path: str | Path) -> list[Path]:
-        """Write PNGs: `path` for one image, `stem-<i>.png` for several. Parameters go in a text chunk."""
+        """Write PNGs: `path` for one image, `stem-<i>.png` for several. Parameters go in two text chunks:
+        "pfx" (JSON, everything) and "parameters" (A1111 infotext, perfusion_hub.infotext)."""
         from PIL.PngImagePlugin import PngInfo
 
         path = Path(path)
@@ -37,8 +40,7 @@ class RenderResult:
         for i, (img, p) in enumerate(zip(self.images, paths)):
             info = PngInfo()
             info.add_text("pfx", json.dumps(dict(self.params, index=i), sort_keys=True))
-            info.add_text("parameters", f"{self.prompt}\nseed: {self.params.get('seed')}, "
-                                        f"steps: {self.params.get('steps')}, guidance: {self.params.get('guidance')}")
+            info.add_text("parameters", format_infotext(self.params, __version__))  # A1111 infotext
             p.parent.mkdir(parents=True, exist_ok=True)
             tmp = p.with_name(f".{p.name}.tmp")
             img.save(tmp, format="PNG", pnginfo=info)
@@ -125,6 +127,7 @@ def render(
     params = {
         "prompt": prompt, "text": parsed.text, "seed": seed, "steps": steps, "guidance": guidance,
         "base": base.name, "base_digest": base.digest, "global_lock": global_lock, "size": size,
+        "sampler": type(pipe.scheduler).__name__,
         "negative_prompt": negative_prompt or "",
         "concepts": {n: dict(gates.get(n, {}), version=rt.concepts[n].metadata.get("version"),
                              digest=rt.concepts[n].metadata.get("file_digest", "")) for n in parsed.concepts},

@@ -252,4 +252,10 @@ def compact(remote: Remote, *, rebuild: bool = False, now_ms: int | None = None)
         remote.delete(key)
         stats["journal_pruned"] += 1
     stats["mark"] = mark
+    # A registry with a static catalogue (`pfx registry site`) gets it rewritten: yanks and tags change
+    # package documents without journal events, so it is rebuilt on every compaction.
+    from registry.site import build_site, has_site
+
+    if has_site(remote):
+        stats["site"] = build_site(remote)
     return stats

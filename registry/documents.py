@@ -28,7 +28,10 @@ MAX_CLAIM_BYTES = 4 << 10
 MAX_SHARD_BYTES = 4 << 20
 MAX_SUMMARY_TEXT = 512
 MAX_TAGS_PER_PACKAGE = 64
-SUMMARY_FIELDS = ("version", "description", "trigger", "superclass", "tags", "license", "base")
+SUMMARY_FIELDS = ("version", "description", "trigger", "superclass", "tags", "license", "base",
+                  # since the card (all optional: documents written before them still parse)
+                  "title", "base_name", "base_family", "permissions", "signers", "preview")
+PERMISSION_FLAGS = ("allow_commercial", "allow_derivatives", "require_credit")  # = perfusion_hub.card's
 SHARD_HEX = 3  # 4096 shards per kind; ~60 KB per term shard at 1,000,000 concepts
 
 
@@ -88,24 +91,44 @@ def parse_package_doc(data: bytes, *, expect_name: str, where: str = "") -> Pack
     for t, v in tags.items():
         if not isinstance(t, str) or not re.fullmatch(r"[a-z][a-z0-9._-]{0,63}", t) or v not in versions:
             _fail(where, f"tag {t!r} is malformed or points at a version that is not listed")
-    for k, v in summary.items():
+    for k, v in list(summary.items()):
         if k not in SUMMARY_FIELDS:
-            _fail(where, f"summary has unknown field {k!r}")
-        if k == "tags":
+            # A newer pfx's display field: dropped unread (the summary only decorates search results;
+            # resolution never reads it), so adding one does not lock older readers out of a registry.
+            del summary[k]
+        elif k == "tags":
             if not isinstance(v, list) or len(v) > 32 or not all(isinstance(x, str) and len(x) <= 32 for x in v):
                 _fail(where, "summary.tags must be a short list of short strings")
+        elif k == "signers":
+            if not isinstance(v, list) or len(v) > 16 or not all(
+                    isinstance(x, str) and re.fullmatch(r"[0-9a-f]{32}", x) for x in v):
+                _fail(where, "summary.signers must be a short list of key ids (32 hex)")
+        elif k == "permissions":
+            if not isinstance(v, dict) or set(v) - set(PERMISSION_FLAGS) or not all(
+                    isinstance(x, bool) for x in v.values()):
+                _fail(where, f"summary.permissions must map {', '.join(PERMISSION_FLAGS)} to booleans")
+        elif k == "preview":
+            if not is_digest(v):
+                _fail(where, "summary.preview must be a sha256 digest")
         elif not isinstance(v, str) or len(v) > MAX_SUMMARY_TEXT:
             _fail(where, f"summary.{k} must be a string of at most {MAX_SUMMARY_TEXT} characters")
     return PackageDoc(raw["name"], versions, tags, summary)
 
 
-def summary_of(m: Manifest) -> dict[str, Any]:
-    """What a search result shows without fetching the manifest."""
-    return {
+def summary_of(m: Manifest, signers: list[str] | tuple = ()) -> dict[str, Any]:
+    """What a search result (and a search filter) needs without fetching the manifest. `signers`: the key
+    ids whose signatures were published with this version."""
+    card = m.card
+    out = {
         "version": m.version, "description": m.description[:MAX_SUMMARY_TEXT], "trigger": m.trigger[:MAX_SUMMARY_TEXT],
         "superclass": m.superclass[:MAX_SUMMARY_TEXT], "tags": list(m.tags)[:32], "license": m.license[:MAX_SUMMARY_TEXT],
-        "base": m.base_digest,
+        "base": m.base_digest, "title": card["title"][:MAX_SUMMARY_TEXT], "base_name": m.base_name[:MAX_SUMMARY_TEXT],
+        "base_family": card["base_family"][:MAX_SUMMARY_TEXT], "permissions": dict(card["permissions"]),
+        "signers": sorted(set(signers))[:16],
     }
+    if m.previews:
+        out["preview"] = m.previews[0]["digest"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -467,9 +467,30 @@ class Home:
 
     # -- search ------------------------------------------------------------------------------------
 
-    def search(self, query: str, limit: int = 20) -> list[dict]:
-        """Full-text search (FTS5, prefix terms ANDed) over name, description, tags, superclass, trigger."""
-        return self.index.search(query, limit)
+    def search(self, query: str, limit: int = 20, **filters: Any) -> list[dict]:
+        """Full-text search (FTS5, prefix terms ANDed) over name, description, tags, superclass, trigger.
+
+        `filters` (registry.cards.FILTER_KEYS; None = any): superclass, base_family, license (SPDX id,
+        case-insensitive), allow_commercial / allow_derivatives / require_credit (the stated flag must
+        equal the value), signed (a signature is stored for the version). Filtered rows carry their
+        card's `title`, `base_family`, `permissions` and `signers`."""
+        from registry.cards import matches
+
+        filters = {k: v for k, v in filters.items() if v is not None}
+        if not filters:
+            return self.index.search(query, limit)
+        out = []
+        for r in self.index.search(query, 1 << 30):
+            try:
+                card = dict(self.manifest(r["manifest"]).card)
+            except (NotFound, IntegrityError):
+                continue  # a missing or rotten manifest: `pfx verify` reports it; search skips it
+            card["signers"] = [k for k, _ in self.index.signatures(r["manifest"])]
+            if matches(card, r["superclass"], filters):
+                out.append({**r, **{k: card[k] for k in ("title", "base_family", "permissions", "signers")}})
+                if len(out) >= limit:
+                    break
+        return out
 
     # -- cached remote documents -------------------------------------------------------------------
 

@@ -378,7 +378,8 @@ def remote_info(home: Any, ref_text: str, remote_name: str | None = None) -> dic
             "name": m.name, "version": m.version, "manifest": m.digest, "remote": remote.name,
             "installed": False, "yanked": res.yanked, "trigger": m.trigger, "superclass": m.superclass,
             "description": m.description, "tags": list(m.tags), "license": m.license,
-            "base": m.raw["base"], "size": m.total_size(), "blobs": m.blobs(),
+            "base": m.raw["base"], "size": m.total_size(), "blobs": m.blobs(), "card": m.card,
+            "signers": list(pkg.summary.get("signers", [])) if pkg and pkg.summary.get("version") == m.version else [],
             "versions": [{"version": e["version"], "yanked": e["yanked"]} for e in pkg.entries()] if pkg else [],
             "dist_tags": dict(pkg.tags) if pkg else {},
         }

@@ -29,6 +29,14 @@ PREVIEW_MEDIA_TYPES = frozenset({"image/png", "image/jpeg", "image/webp"})
 MAX_PREVIEWS = 16
 MAX_TAGS = 32
 _TAG = re.compile(r"[a-z0-9][a-z0-9-]{0,31}", re.ASCII)
+CARD_ANNOTATION = "pfx.card"
+# annotations["pfx.card"]: the concept header's card keys that the manifest does not already hold. An
+# optional field of pfx.manifest/1 (readers before it accept any `annotations` object), so a manifest
+# with a card is still readable by an older pfx, and a file without card keys builds the same manifest
+# (same digest) as before.
+CARD_FIELDS = {"title": str, "trigger_phrase": str, "usage_hint": str, "author": str, "permissions": dict,
+               "base_family": str, "architecture": str, "tensors_sha256": str, "edited_from": str,
+               "has_thumbnail": bool}
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -75,6 +83,12 @@ class Manifest:
     created = property(lambda self: self.raw["created"])
     corpus_digest = property(lambda self: self.raw["corpus_digest"])
     covariance_digest = property(lambda self: self.raw["covariance_digest"])
+
+    @property
+    def card(self) -> dict:
+        """The card (title, trigger phrase, usage hint, licence permissions, base family...), with the
+        documented defaults for manifests built before cards existed (perfusion_hub.card)."""
+        return card_of_manifest(self.raw)
 
     @property
     def covariance(self) -> dict | None:
@@ -147,6 +161,9 @@ def build_manifest(
             "media_type": COVARIANCE_MEDIA_TYPE,
             "base_digest": covariance["base_digest"], "corpus_digest": covariance["corpus_digest"],
         })
+    from perfusion_hub.card import card_of
+
+    card = card_of(meta)
     raw = {
         "schema": SCHEMA,
         "name": meta["name"],
@@ -163,12 +180,19 @@ def build_manifest(
         "tau": _float(meta, "tau"),
         "key_lock": meta["key_lock"],
         "description": description or meta.get("description", ""),
-        "tags": sorted(set(tags)),
+        "tags": sorted(set(tags) if tags else set(card["tags"])),
         "license": license or meta.get("license", ""),
         "provenance": training if isinstance(training, dict) else {"training": training},
         "created": meta["created"],
         "pfx_version": meta["pfx_version"],
     }
+    if card["modelspec"] or "permissions" in meta or "base_family" in meta:
+        raw["annotations"] = {CARD_ANNOTATION: {
+            "title": card["title"], "trigger_phrase": card["trigger_phrase"], "usage_hint": card["usage_hint"],
+            "author": card["author"], "permissions": card["permissions"], "base_family": card["base_family"],
+            "architecture": card["architecture"], "tensors_sha256": card["tensors_sha256"],
+            "edited_from": card["edited_from"], "has_thumbnail": bool(card["thumbnail"]),
+        }}
     data = canonical_json(raw)
     # Round-trip through the parser so that nothing we build could be refused by a reader.
     return parse_manifest(data)
@@ -294,6 +318,35 @@ def _check(raw: Any, where: str) -> None:
         c.fail("tags must be at most 32 short lowercase words")
     if len(raw["description"]) > 4096:
         c.fail("description over 4096 characters")
+    card = raw.get("annotations", {}).get(CARD_ANNOTATION)
+    if card is not None:
+        c.obj(card, f"annotations.{CARD_ANNOTATION}", {}, CARD_FIELDS)
+        for k, v in card.items():
+            if isinstance(v, str) and len(v) > 1000:
+                c.fail(f"annotations.{CARD_ANNOTATION}.{k} is over 1000 characters")
+        perms = card.get("permissions", {})
+        from perfusion_hub.card import PERMISSION_FLAGS
+
+        if set(perms) - set(PERMISSION_FLAGS) or not all(isinstance(v, bool) for v in perms.values()):
+            c.fail(f"annotations.{CARD_ANNOTATION}.permissions must map {', '.join(PERMISSION_FLAGS)} to booleans")
+
+
+def card_of_manifest(raw: dict) -> dict:
+    """A manifest's card with defaults for what it lacks (the same defaults as perfusion_hub.card)."""
+    from perfusion_hub.card import ARCHITECTURES, DEFAULT_FAMILY
+
+    got = dict(raw.get("annotations", {}).get(CARD_ANNOTATION, {}))
+    fam = got.get("base_family") or DEFAULT_FAMILY
+    card = {
+        "title": raw["name"], "trigger_phrase": raw["name"], "author": "", "permissions": {},
+        "usage_hint": (f"Write {raw['name']} in the prompt (a {raw['superclass']}); Perfusion gate "
+                       f"beta={raw['beta']} tau={raw['tau']} (lower beta: stronger)"),
+        "base_family": fam, "architecture": f"{ARCHITECTURES.get(fam, fam)}/perfusion", "tensors_sha256": "",
+        "edited_from": "", "has_thumbnail": False,
+    }
+    card.update({k: v for k, v in got.items() if v not in ("", None) or k == "author"})
+    card.update({"description": raw["description"], "license": raw["license"], "tags": list(raw["tags"])})
+    return card
 
 
 def parse_manifest(

@@ -163,9 +163,12 @@ def _highest_release(pkg: PackageDoc) -> str | None:
     return best
 
 
-def add_version(pkg: PackageDoc, m: Manifest, *, move_latest: bool = True, published: str | None = None) -> bool:
+def add_version(pkg: PackageDoc, m: Manifest, *, move_latest: bool = True, published: str | None = None,
+                signers: list[str] | tuple = ()) -> bool:
     """The publish edit: list the version (as its claim says), move `latest` if it is a higher
-    release, refresh the summary when `latest` moved. Returns whether anything changed."""
+    release, refresh the summary when `latest` moved. `signers`: key ids of the signatures published
+    with it (kept in the summary, merged with those already listed for the same version). Returns
+    whether anything changed."""
     changed = False
     entry = pkg.versions.get(m.version)
     if entry is None or entry["manifest"] != m.digest:
@@ -177,8 +180,10 @@ def add_version(pkg: PackageDoc, m: Manifest, *, move_latest: bool = True, publi
         pkg.tags["latest"] = m.version
         changed = True
     want_summary = pkg.tags.get("latest") == m.version or not pkg.summary
-    if want_summary and pkg.summary != summary_of(m):
-        pkg.summary = summary_of(m)
+    if pkg.summary.get("version") == m.version:
+        signers = sorted(set(signers) | set(pkg.summary.get("signers", [])))
+    if want_summary and pkg.summary != summary_of(m, signers):
+        pkg.summary = summary_of(m, signers)
         changed = True
     return changed
 
@@ -231,7 +236,8 @@ def publish_manifest(remote: Remote, m: Manifest, read_blob: Callable[[str], byt
                 hint="versions are immutable: publish a new version (e.g. `pfx train --version`)",
             )
         resumed = True
-    pkg = update_package(remote, m.name, lambda p: add_version(p, m, move_latest=move_latest))
+    signers = [k for k, _ in signatures]
+    pkg = update_package(remote, m.name, lambda p: add_version(p, m, move_latest=move_latest, signers=signers))
     return {"name": m.name, "version": m.version, "manifest": m.digest, "remote": remote.name,
             "resumed": resumed, "blobs_uploaded": uploaded, "tags": dict(pkg.tags),
             "signed_by": [k for k, _ in signatures]}

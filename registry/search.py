@@ -33,11 +33,22 @@ def read_term_shard(remote: Remote, key: str) -> dict[str, list[str]]:
     return {} if doc is None else parse_shard(doc.data, key, TERMS_SCHEMA, "terms")
 
 
-def search_remote(remote: Remote, query: str, limit: int = 20) -> list[dict]:
+MAX_FILTERED_CANDIDATES = 500
+
+
+def search_remote(remote: Remote, query: str, limit: int = 20, **filters) -> list[dict]:
     """AND-search over term postings: one GET per query term, then one GET per shown result.
 
     An exact package name is also looked up directly, so a package is findable by name the moment
-    it is published, before any compaction."""
+    it is published, before any compaction. `filters` are registry.cards.FILTER_KEYS (None = any),
+    checked against each package's summary (its latest version's card); with filters, up to
+    MAX_FILTERED_CANDIDATES term matches are read (one package-doc GET each, in parallel) to fill
+    `limit`, and a superclass filter also serves as a query term."""
+    from registry.cards import matches
+
+    filters = {k: v for k, v in filters.items() if v is not None}
+    if filters.get("superclass"):
+        query = f"{query} {filters['superclass']}"
     terms = sorted(tokenize(query))
     names: set[str] | None = None
     for t in terms:
@@ -50,7 +61,7 @@ def search_remote(remote: Remote, query: str, limit: int = 20) -> list[dict]:
         exact = None
     if exact and exact not in found:
         found.insert(0, exact)
-    found = found[: max(limit, 0)]
+    found = found[: max(limit, 0) if not filters else MAX_FILTERED_CANDIDATES]
     if not found:
         return []
 
@@ -61,8 +72,10 @@ def search_remote(remote: Remote, query: str, limit: int = 20) -> list[dict]:
             return None
         if pkg is None or not pkg.versions:
             return None
+        if filters and not matches(pkg.summary, pkg.summary.get("superclass"), filters):
+            return None
         return {"name": pkg.name, "remote": remote.name, **pkg.summary,
                 "versions": len(pkg.versions), "dist_tags": pkg.tags}
 
     with ThreadPoolExecutor(max_workers=min(8, len(found))) as ex:
-        return [r for r in ex.map(one, found) if r is not None]
+        return [r for r in ex.map(one, found) if r is not None][: max(limit, 0)]

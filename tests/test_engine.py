@@ -135,7 +135,9 @@ def test_save_load_round_trip_is_exact(clean_base, toy_cov, tmp_path):
     c = synthetic_concept(clean_base, toy_cov, "cat-mittens", "cat", seed=9)
     path = save_concept(c, tmp_path / "c.safetensors")
     back = load_concept(path)
-    assert back.metadata == c.metadata
+    assert {k: back.metadata[k] for k in c.metadata} == c.metadata  # plus the card's modelspec.* keys
+    assert back.metadata["modelspec.title"] == "cat-mittens"
+    assert save_concept(back, tmp_path / "again.safetensors").read_bytes() == path.read_bytes()
     for k, t in c.tensors().items():
         assert torch.equal(back.tensors()[k], t), k
     assert concept_bytes(back) == path.read_bytes()

@@ -40,6 +40,16 @@ class ReadOnlyRemote(RemoteError):
     pass
 
 
+CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
+                 ".js": "text/javascript; charset=utf-8", ".json": "application/json", ".png": "image/png",
+                 ".jpg": "image/jpeg", ".webp": "image/webp", ".svg": "image/svg+xml", ".txt": "text/plain"}
+
+
+def content_type(key: str) -> str:
+    dot = key.rfind(".")
+    return CONTENT_TYPES.get(key[dot:] if dot > key.rfind("/") else "", "application/octet-stream")
+
+
 def _hex(digest: str) -> str:
     algo, _, hexpart = digest.partition(":")
     if algo != "sha256" or len(hexpart) != 64 or any(c not in "0123456789abcdef" for c in hexpart):
@@ -136,6 +146,12 @@ class Remote(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Admin only: remove an object (probe leftovers, compacted journal events)."""
+
+    def put_public(self, key: str, data: bytes) -> None:
+        """Overwrite a plain, publicly served file (the static catalogue under `site/`): no condition,
+        a content type from the key's extension, and on file:// a plain file (not a CAS generation
+        folder) so that any static web server can serve it. Never used for roots of trust."""
+        raise NotImplementedError(f"remote '{self.name}' cannot hold a static site")
 
     def describe(self) -> str:
         return f"{self.name} ({self.url})"

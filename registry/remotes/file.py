@@ -146,6 +146,12 @@ class FileRemote(Remote):
             raise CasFailed(f"{key} changed since it was read")
         return f"g{nxt}"
 
+    def put_public(self, key: str, data: bytes) -> None:
+        self.check_writable()
+        from perfusion_hub.concept import atomic_write_bytes
+
+        atomic_write_bytes(self._path(key), data)
+
     # -- admin ---------------------------------------------------------------------------------
     def list_keys(self, prefix: str, start_after: str | None = None) -> Iterator[str]:
         base = self.root

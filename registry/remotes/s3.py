@@ -269,8 +269,9 @@ class S3Remote(Remote):
         return f'"{core}"' if self.etag_form == "quoted" else core
 
     # -- conditional writes ----------------------------------------------------------------------
-    def _put(self, key: str, data: bytes, **cond: str) -> str:
-        ctype = "application/json" if key.endswith(".json") or key.startswith("manifests/") else "application/octet-stream"
+    def _put(self, key: str, data: bytes, ctype: str | None = None, **cond: str) -> str:
+        ctype = ctype or ("application/json" if key.endswith(".json") or key.startswith("manifests/")
+                          else "application/octet-stream")
 
         md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
 
@@ -311,6 +312,17 @@ class S3Remote(Remote):
         except ClientError as e:
             if self._is_precondition(e):
                 return False
+            raise self._client_error(e, key) from None
+
+    def put_public(self, key: str, data: bytes) -> None:
+        self.check_writable()
+        from botocore.exceptions import ClientError
+
+        from registry.remotes.base import content_type
+
+        try:
+            self._put(key, data, content_type(key))
+        except ClientError as e:
             raise self._client_error(e, key) from None
 
     def put_doc(self, key: str, data: bytes, *, etag: str | None) -> str:

@@ -13,7 +13,7 @@ headers; s3rver is one for real. Measured with boto3 1.44.8 on s3rver 3.7.1:
         s3 = srv.client()
         s3.create_bucket(Bucket="pfx-test")
 
-Install: `npm install -g s3rver` (3.7.1 tested; .ci/install-s3-servers does it). On Node >= 17 it
+Install: `npm install -g s3rver` (3.7.1 tested; .ci/install-test-deps does it). On Node >= 17 it
 must run with `--openssl-legacy-provider`: its ListObjects continuation tokens are DES-encrypted,
 and without the legacy provider every paginated listing answers 500. We pass the flag through
 NODE_OPTIONS. The port is chosen by s3rver itself (`-p 0`) and read back from its

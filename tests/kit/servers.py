@@ -33,7 +33,7 @@ atexit.register(_stack.close)  # stop the servers (and remove their folders) whe
 
 def rgw_skip_reason() -> str | None:
     why = rgw_available()
-    return None if why is None else f"Ceph RGW not available: {why} (.ci/install-s3-servers installs it)"
+    return None if why is None else f"Ceph RGW not available: {why} (.ci/install-test-deps installs it)"
 
 
 def add_user(rgw: RGW, uid: str, access_key: str, secret_key: str) -> None:
@@ -56,7 +56,7 @@ def shared_rgw() -> RGW:
 
 def s3rver_skip_reason() -> str | None:
     why = s3rver_available()
-    return None if why is None else f"s3rver not available: {why} (.ci/install-s3-servers installs it)"
+    return None if why is None else f"s3rver not available: {why} (.ci/install-test-deps installs it)"
 
 
 def shared_s3rver() -> S3rver:
