@@ -1,8 +1,16 @@
+"""Fixtures shared by every test (the helpers are in tests/kit/).
+
+toy_base, toy_cov, clean_base: the embedded toy base on CPU (once per session) and its covariance.
+s3_url, bucket, aws_env: a moto S3 server per module, a fresh bucket on it, and an environment that points
+boto3 at the test credentials only (modules that talk to S3 in-process use it:
+`pytestmark = pytest.mark.usefixtures("aws_env")`).
+"""
+
 import os
 
 import pytest
 
-from tests.s3server import bucket, s3_url  # noqa: F401  (fixtures: a module's moto server, a fresh bucket)
+from tests.kit.s3 import isolate_aws_env, moto_server, new_bucket
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -45,3 +53,22 @@ def clean_base(toy_base):
     unload_concepts(toy_base.pipe)
     yield toy_base
     unload_concepts(toy_base.pipe)
+
+
+@pytest.fixture(scope="module")
+def s3_url():
+    """A moto S3 server for the module."""
+    with moto_server() as url:
+        yield url
+
+
+@pytest.fixture
+def bucket(s3_url):
+    """A fresh, empty bucket on the module's server."""
+    return new_bucket(s3_url)
+
+
+@pytest.fixture
+def aws_env(monkeypatch, tmp_path):
+    """Test credentials only: no AWS config or credentials file, endpoint, profile or PFX_OFFLINE from outside."""
+    isolate_aws_env(monkeypatch, tmp_path / "no-aws-config", tmp_path / "no-aws-creds")

@@ -23,7 +23,7 @@ from perfusion_hub.photos import load_photos
 from perfusion_hub.processor import cross_attention_modules
 from perfusion_hub.render import render
 from perfusion_hub.train import TEMPLATES, TrainConfig, _encode_latents, train_concept
-from tests.enginekit import superclass_encoding
+from tests.kit.engine import superclass_encoding
 
 
 def teacher_concept(base, cov, superclass: str, *, strength: float, seed: int) -> tuple[Concept, torch.Tensor]:
