@@ -1,21 +1,24 @@
 """Hostile training photos (perfusion_hub/photos.py), beyond tests/engine/test_train.py's corrupt/CMYK/16-bit
 smoke test: each file is either skipped with a warning that names it and says why, or loaded with
-the right pixels - in bounded time and memory.
+the right pixels. Hostile files are refused before they are decoded: `PilSpy` records, through PIL's own
+Image.open and ImageFile.load, which files were opened and which were decoded at what size (no clock, no
+process-wide memory figure).
 """
 
 from __future__ import annotations
 
-import resource
+import os
 import struct
-import time
 import zlib
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from perfusion_hub.errors import BadInput
 from perfusion_hub.photos import load_photos
+
+DECODE_BUDGET = 1 << 20  # pixels; every legitimate test photo is far smaller
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -35,31 +38,72 @@ def good(folder: Path, name: str = "good.png", color=(10, 200, 30)) -> None:
 
 def load(folder: Path, resolution: int = 16):
     seen: list[str] = []
-    t0 = time.perf_counter()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     photos = load_photos(folder, resolution, warn=seen.append)
-    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-    return {p.path.name: p for p in photos}, seen, time.perf_counter() - t0, grown_mb
+    return {p.path.name: p for p in photos}, seen
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+class PilSpy:
+    """The files PIL opened (`opened`) and decoded (`decoded`: path relative to `root` -> (width, height)),
+    recorded by wrapping Image.open and every ImageFile `load` (where a decoder runs). A decode of more
+    than DECODE_BUDGET pixels is recorded and then refused, so a missing guard fails the test instead of
+    allocating the bomb."""
+
+    def __init__(self, monkeypatch, root: Path):
+        self.root, self.opened, self.decoded = root, [], {}
+        real_open = Image.open
+
+        def spy_open(fp, *a, **k):
+            self.opened.append(self._name(fp))
+            return real_open(fp, *a, **k)
+
+        monkeypatch.setattr(Image, "open", spy_open)
+        for cls in (ImageFile.ImageFile, *_subclasses(ImageFile.ImageFile)):
+            if "load" in cls.__dict__:
+                monkeypatch.setattr(cls, "load", self._spy_load(cls.__dict__["load"]))
+
+    def _name(self, fp) -> str:
+        p = Path(fp if isinstance(fp, str | os.PathLike) else getattr(fp, "name", "?"))
+        return p.relative_to(self.root).as_posix() if p.is_relative_to(self.root) else str(p)
+
+    def _spy_load(self, real):
+        def load(im):
+            w, h = im.size
+            self.decoded[self._name(im.filename)] = (w, h)
+            if w * h > DECODE_BUDGET:
+                raise MemoryError(f"test spy: a {w}x{h} image was about to be decoded")
+            return real(im)
+        return load
+
+
+@pytest.fixture
+def spy(monkeypatch, tmp_path):
+    return PilSpy(monkeypatch, tmp_path)
 
 
 @pytest.mark.parametrize("w,h", [(100_000, 100_000), (70_000, 1_000), (1, 2**31 - 1), (9_000, 9_000)])
-def test_decompression_bombs_are_skipped_before_decoding(tmp_path, w, h):
+def test_decompression_bombs_are_skipped_before_decoding(tmp_path, spy, w, h):
     (tmp_path / "bomb.png").write_bytes(png_declaring(w, h))
     good(tmp_path)
-    photos, seen, seconds, grown_mb = load(tmp_path)
+    photos, seen = load(tmp_path)
     assert list(photos) == ["good.png"]
     (msg,) = seen
     assert "bomb.png" in msg and ("pixel" in msg or "DecompressionBomb" in msg), msg  # refused by the limit
-    assert seconds < 2 and grown_mb < 100, (seconds, grown_mb)
+    assert "bomb.png" in spy.opened and spy.decoded == {"good.png": (32, 32)}  # its header read, never decoded
 
 
-def test_oversized_file_is_skipped_without_reading_it(tmp_path):
+def test_oversized_file_is_skipped_without_reading_it(tmp_path, spy):
     with open(tmp_path / "huge.jpg", "wb") as f:  # sparse: 65 MB declared on disk, nothing read
         f.truncate(65 << 20)
     good(tmp_path)
-    photos, seen, seconds, grown_mb = load(tmp_path)
+    photos, seen = load(tmp_path)
     assert list(photos) == ["good.png"] and "huge.jpg" in seen[0] and "MB" in seen[0]
-    assert seconds < 1 and grown_mb < 50
+    assert spy.opened == ["good.png"] and spy.decoded == {"good.png": (32, 32)}  # refused by its size alone
 
 
 @pytest.mark.parametrize("cut", [0.1, 0.5, 0.9])
@@ -71,22 +115,28 @@ def test_truncated_photos_are_skipped(tmp_path, cut):
         (tmp_path / f"full.{ext}").unlink()
         (tmp_path / f"cut.{ext}").write_bytes(data[: int(len(data) * cut)])
     good(tmp_path)
-    photos, seen, _seconds, _ = load(tmp_path)
+    photos, seen = load(tmp_path)
     # A truncated file is never loaded as if it were whole (no grey padding from a partial decode).
     assert list(photos) == ["good.png"], (list(photos), seen)
     assert sorted(m.split(":")[0] for m in seen) == ["skipping cut.jpg", "skipping cut.png", "skipping cut.webp"]
 
 
-def test_random_garbage_with_image_extensions_is_skipped(tmp_path):
+def test_random_garbage_with_image_extensions_is_skipped(tmp_path, spy):
     import random
 
     rng = random.Random(7)
+    names = []
     for i, ext in enumerate(["png", "jpg", "jpeg", "webp"] * 3):
         head = [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"RIFF\0\0\0\0WEBP", b""][i % 4]
         (tmp_path / f"g{i}.{ext}").write_bytes(head + rng.randbytes(rng.randrange(0, 3000)))
+        names.append(f"g{i}.{ext}")
     good(tmp_path)
-    photos, seen, seconds, _ = load(tmp_path)
-    assert list(photos) == ["good.png"] and len(seen) == 12 and seconds < 3
+    photos, seen = load(tmp_path)
+    assert list(photos) == ["good.png"]
+    # One warning per file, naming it and the decoder's reason; each refused at its header, once.
+    assert sorted(m.split(":")[0] for m in seen) == sorted(f"skipping {n}" for n in names)
+    assert all(m.split(": ", 2)[1].endswith("Error") for m in seen), seen
+    assert sorted(spy.opened) == sorted([*names, "good.png"]) and spy.decoded == {"good.png": (32, 32)}
 
 
 def test_no_usable_photo_in_a_hostile_folder_is_refused(tmp_path):
@@ -101,7 +151,7 @@ def test_cmyk_and_16bit_photos_load_with_the_right_colours(tmp_path):
     Image.new("I;16", (32, 32), 40000).save(tmp_path / "grey16.png")
     rgb16 = Image.new("I;16", (32, 32), 65535)
     rgb16.save(tmp_path / "white16.png")
-    photos, seen, _, _ = load(tmp_path)
+    photos, seen = load(tmp_path)
     assert seen == []
     r, g, b = photos["cyan.jpg"].image.getpixel((8, 8))
     assert r < 20 and g > 235 and b > 235
@@ -118,7 +168,7 @@ def test_animated_photos_use_the_first_frame(tmp_path, fmt):
     except (OSError, ValueError, KeyError) as e:  # pragma: no cover - a Pillow without animation writers
         pytest.skip(f"cannot write animated {fmt}: {e}")
     assert getattr(Image.open(path), "n_frames", 1) == 3
-    photos, seen, _, _ = load(tmp_path)
+    photos, seen = load(tmp_path)
     assert seen == []
     r, g, b = photos[path.name].image.getpixel((8, 8))
     assert r > 200 and g < 40 and b < 40
@@ -131,7 +181,7 @@ def test_exif_orientations_are_honoured(tmp_path, orientation, white_at):
     exif = Image.Exif()
     exif[0x0112] = orientation
     im.save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=95)
-    photos, _, _, _ = load(tmp_path, resolution=20)
+    photos, _ = load(tmp_path, resolution=20)
     px = photos["r.jpg"].image.load()
     probe = {"left": (3, 10), "right": (16, 10), "top": (10, 3), "bottom": (10, 16)}
     opposite = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
@@ -139,10 +189,10 @@ def test_exif_orientations_are_honoured(tmp_path, orientation, white_at):
     assert px[probe[white_at]][0] > 200 and px[probe[opposite[white_at]]][0] < 50
 
 
-def test_a_bomb_mask_is_ignored_and_the_photo_kept(tmp_path):
+def test_a_bomb_mask_is_ignored_and_the_photo_kept(tmp_path, spy):
     good(tmp_path, "p.png")
     (tmp_path / "masks").mkdir()
     (tmp_path / "masks" / "p.png").write_bytes(png_declaring(100_000, 100_000))
-    photos, seen, seconds, grown_mb = load(tmp_path)
-    assert photos["p.png"].mask is None and any("mask" in m for m in seen)
-    assert seconds < 2 and grown_mb < 100
+    photos, seen = load(tmp_path)
+    assert photos["p.png"].mask is None and seen == ["ignoring mask p.png: DecompressionBombError"]
+    assert "masks/p.png" in spy.opened and spy.decoded == {"p.png": (32, 32)}  # the mask was never decoded
