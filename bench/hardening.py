@@ -49,9 +49,10 @@ def fuzz(cases: int) -> dict:
     import hypothesis.strategies as st
     from hypothesis import HealthCheck, given, settings
 
-    from perfusion_hub.concept import ConceptFormatError, read_header_bytes
-    from tests.kit.fuzz import check_case, mutated
+    from perfusion_hub.concept import ConceptFormatError, load_concept, read_header_bytes
+    from tests.kit.fuzz import check_case, mutated, seed_file
 
+    load_concept(seed_file(0))  # warm-up: the first load imports torch and safetensors, not a case's time
     counts = {"cases": 0, "accepted": 0, "refused": 0, "max_case_ms": 0.0}
     problems: list[str] = []
 
