@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Engine speed at Stable Diffusion 1.5 scale (issue 5). One GPU run, the baseline in the same run.
 
 Builds the SD1.5 architecture from the shipped configs (perfusion_hub/data/sd15) with random weights
@@ -12,8 +11,8 @@ Builds the SD1.5 architecture from the shipped configs (perfusion_hub/data/sd15)
   5. load + compose time for 1, 4 and 16 concepts
 Results go to bench/results/engine-<device>-<date>.json, written after every stage.
 
-  python bench/engine.py                # the GPU run
-  python bench/engine.py --toy         # a CPU smoke run of the same code on the toy configs
+  python -m bench.engine               # the GPU run (from the repository root)
+  python -m bench.engine --toy         # a CPU smoke run of the same code on the toy configs
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import time
 from datetime import date
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
@@ -176,7 +174,7 @@ def attention_backends(device: str, dtype) -> dict:
 def cold_train(args) -> dict:
     """The training run of a fresh process: base construction, first compile, training, saving."""
     code = ("import sys, json; sys.argv=['engine.py'] + json.loads(sys.argv[1]); "
-            "sys.path.insert(0, 'bench'); import engine; engine.cold_child()")
+            "from bench import engine; engine.cold_child()")
     extra = ["--toy"] if args.toy else []
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(extra + ["--steps", str(args.steps)])],

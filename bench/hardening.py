@@ -1,9 +1,10 @@
 """The big versions of the hardening tests: many kill seeds, long fuzzing, every fault scenario.
 
-    python bench/hardening.py [--scale 1.0] [--out bench/results/hardening.json]
+    python -m bench.hardening [--scale 1.0] [--out bench/results/hardening.json] [--only AREA ...]
 
-Runs the same scenario functions as tests/test_faults.py, test_crash.py, test_concurrency.py and
-test_fuzz_concept.py with more seeds, and writes one JSON document: per area, what was run (fault
+Runs the scenarios that tests/registry/test_faults.py, test_crash.py, test_concurrency.py and
+tests/engine/test_fuzz_concept.py run (tests/kit/scenarios.py, tests/kit/fuzz.py) with more seeds, and
+writes one JSON document: per area, what was run (fault
 scenarios, kill points, fuzz cases, concurrent operations) and how many lost or corrupt items were
 found afterwards (the goal is zero), plus the machine. `--scale` multiplies every seed count.
 Everything runs on this machine (moto's S3 server on 127.0.0.1, real `pfx` subprocesses).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -21,12 +23,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def machine() -> dict:
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine()}
+
+
 def _env() -> None:
-    from tests.s3server import S3_ENV
+    from tests.kit.s3 import S3_ENV
 
     os.environ.update(S3_ENV)
     os.environ["AWS_CONFIG_FILE"] = "/nonexistent-pfx-test"
@@ -39,13 +45,14 @@ def n(x: float, scale: float) -> int:
 
 
 def fuzz(cases: int) -> dict:
-    """The structured fuzzer of tests/test_fuzz_concept.py for `cases` examples (plus random bytes)."""
+    """The structured fuzzer of tests/kit/fuzz.py for `cases` examples (plus random bytes)."""
     import hypothesis.strategies as st
     from hypothesis import HealthCheck, given, settings
 
-    from perfusion_hub.concept import ConceptFormatError, read_header_bytes
-    from tests.test_fuzz_concept import check_case, mutated
+    from perfusion_hub.concept import ConceptFormatError, load_concept, read_header_bytes
+    from tests.kit.fuzz import check_case, mutated, seed_file
 
+    load_concept(seed_file(0))  # warm-up: the first load imports torch and safetensors, not a case's time
     counts = {"cases": 0, "accepted": 0, "refused": 0, "max_case_ms": 0.0}
     problems: list[str] = []
 
@@ -88,8 +95,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="faults crash train concurrency fuzz")
     args = ap.parse_args()
     _env()
-    from tests.faultproxy import machine
-    from tests.s3server import moto_server
+    from tests.kit.s3 import moto_server
 
     areas = args.only or ["faults", "crash", "train", "concurrency", "fuzz"]
     s = args.scale
@@ -118,8 +124,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pfx-hardening-") as tmp_s, moto_server() as s3:
         tmp = Path(tmp_s)
         if "faults" in areas:
-            from tests.test_faults import run_cli_install_chaos, run_publish_matrix
-            from tests.test_install_faults import _blob_get  # noqa: F401 - the existing suite covers install faults
+            from tests.kit.scenarios import run_cli_install_chaos, run_publish_matrix
 
             def faults_publish():
                 tot = {"fault_scenarios": 0, "faults_injected": 0, "ok_first_try": 0, "clean_fail_then_rerun_ok": 0,
@@ -135,8 +140,8 @@ def main() -> None:
             def faults_install():
                 from registry.home import Home
                 from registry.publish import publish
-                from tests.conceptgen import add_concept
-                from tests.s3server import make_bucket
+                from tests.kit.concepts import add_concept
+                from tests.kit.s3 import make_bucket
 
                 make_bucket(s3, "bench-install")
                 pub = Home.open(tmp / "ipub", offline=False)
@@ -159,7 +164,7 @@ def main() -> None:
             record("faults_cli_install_random", faults_install)
 
         if "crash" in areas:
-            from tests.test_crash import run_gc_kills, run_install_kills, run_publish_kills
+            from tests.kit.scenarios import run_gc_kills, run_install_kills, run_publish_kills
 
             def k(fn, *a, **kw):
                 r = fn(*a, **kw)
@@ -171,7 +176,8 @@ def main() -> None:
             record("kill9_gc", lambda: k(run_gc_kills, tmp / "kg", seeds=range(300, 300 + n(10, s))))
 
         if "train" in areas:
-            from tests.test_crash import TOY, run_train_kill
+            from tests.kit.engine import TOY
+            from tests.kit.scenarios import run_train_kill
 
             def train_kills():
                 tot = {"kill_points": 0, "checkpoint_steps": [], "problems": []}
@@ -187,20 +193,20 @@ def main() -> None:
             record("kill9_train_then_resume", train_kills)
 
         if "concurrency" in areas:
-            from tests.test_concurrency import build_file_registry, run_home_mix, run_publishers
+            from tests.kit.scenarios import build_file_registry, run_home_mix, run_publishers
 
             def home_mix():
                 tot = {"concurrent_processes": 8, "operations": 0, "by_op": {}, "lost": 0, "renders_ok": 0,
                        "problems": []}
                 render = None
-                from tests.test_crash import TOY
+                from tests.kit.engine import TOY
 
                 if (TOY / "unet").is_dir():
                     import torch
 
                     from perfusion_hub.bases import load_base
                     from perfusion_hub.covariance import packaged_covariance
-                    from tests.test_concurrency import _render_concept
+                    from tests.kit.scenarios import make_render_concept
 
                     torch.set_num_threads(2)
                     base = load_base("toy", device="cpu", dtype="fp32")
@@ -208,7 +214,7 @@ def main() -> None:
                 for seed in range(n(3, s)):
                     d = tmp / f"mix{seed}"
                     d.mkdir()
-                    rc = _render_concept(*render, d) if render else None
+                    rc = make_render_concept(*render, d) if render else None
                     url, churn, stable = build_file_registry(d, churn=8, stable=4, render_concept=rc)
                     r = run_home_mix(d, url, churn, stable, workers=8, ops=8, seed=seed, renders=2 if rc else 0,
                                      renderable="paintcat" if rc else None)

@@ -1,4 +1,4 @@
-"""Registry benchmarks (not a test): python bench/registry.py [--concepts 1000] [--sizes 10000,100000]
+"""Registry benchmarks (not a test): python -m bench.registry [--concepts 1000] [--sizes 10000,100000]
 
 1. Install N ~60 KB concepts from a loopback moto S3 server with `pfx` (registry.install: resolve,
    verify while streaming, atomic store writes, SQLite records) vs a bare parallel boto3 download
@@ -28,7 +28,6 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 SERVER = """
 import sys
@@ -65,7 +64,7 @@ def populate(url: str, bucket: str, n: int, tmp: Path, workers: int) -> list:
     from registry.home import Home
     from registry.publish import publish_manifest
     from registry.remotes import open_remote
-    from tests.conceptgen import add_concept
+    from tests.kit.concepts import add_concept
 
     home = Home.open(tmp / "publisher", offline=False)
     ms = [add_concept(home, tmp, f"bench-{i:05d}", "1.0.0", seed=i, big=True) for i in range(n)]

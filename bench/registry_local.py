@@ -1,7 +1,7 @@
 """Local registry benchmarks: FTS search latency at 100,000 installed concepts, and `verify` of
 10,000 installed concepts with real SD1.5-sized (~60 KB) concept blobs.
 
-    python bench/registry_local.py [--concepts 100000] [--verify 10000] [--queries 300]
+    python -m bench.registry_local [--concepts 100000] [--verify 10000] [--queries 300]
 
 The search index is built by writing rows directly (placeholder digests: search never reads blobs).
 The verify home holds real, distinct, valid concept files recorded through Home.record_install.
@@ -18,28 +18,21 @@ import platform
 import random
 import sqlite3
 import statistics
-import struct
-import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
-
-import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from perfusion_hub.concept import read_header_bytes
 from registry.home import Home
 from registry.index import now_iso
 from registry.local_ops import verify
 from registry.manifest import build_manifest
+from tests.kit.concepts import SD15_WIDTHS, concept_bytes
 
 ADJ = ["red", "grey", "fluffy", "tiny", "old", "rusty", "golden", "striped", "wooden", "vintage", "blue", "green", "happy", "sleepy", "neon", "marble", "velvet", "glass", "paper", "steel", "copper", "silver", "dark", "bright", "frozen", "sunny", "misty", "wild", "calm", "brave"]
 NOUN = ["cat", "dog", "chair", "lamp", "teapot", "mug", "robot", "car", "bike", "house", "tree", "flower", "bird", "fish", "horse", "owl", "fox", "bear", "sofa", "vase", "clock", "guitar", "boot", "hat", "jacket", "bag", "cup", "bowl", "plant", "statue"]
 WORDS = ["portrait", "studio", "photo", "painting", "sketch", "watercolor", "toy", "sculpture", "object", "pet", "animal", "furniture", "kitchen", "garden", "outdoor", "indoor", "retro", "modern", "minimal", "ornate", "handmade", "antique", "cartoon", "realistic"]
-# SD1.5 attn2 output widths, in UNet order: 14,784 fp32 values with the three 768-d vectors (~59 KB).
-SD15_WIDTHS = [320, 320, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280, 640, 640, 640, 320, 320, 320]
 BASE = "sha256:" + hashlib.sha256(b"bench-base").hexdigest()
 
 
@@ -124,35 +117,19 @@ def bench_search(home: Home, queries: int, rng: random.Random) -> dict:
 # verify
 
 
-def concept_file(i: int, rng: np.random.Generator) -> bytes:
-    tensors = {k: rng.standard_normal(768, dtype=np.float32) for k in ("token_embedding", "target_input", "superclass_input")}
-    for j, w in enumerate(SD15_WIDTHS):
-        tensors[f"value_target.layer{j:02d}.attn2"] = rng.standard_normal(w, dtype=np.float32)
-    meta = {
-        "format": "pfx.concept", "format_version": "1", "name": f"bench-{i}", "version": "1.0.0",
-        "superclass": "cat", "trigger": f"<bench-{i}>", "base_name": "sd15", "base_digest": BASE,
-        "covariance_digest": fake_digest(0, "cov"), "corpus_digest": fake_digest(0, "corpus"), "beta": "0.7",
-        "tau": "0.1", "key_lock": "superclass", "training": json.dumps({"steps": 400, "seed": i}),
-        "created": "2025-01-01T00:00:00Z", "pfx_version": "0.1.0",
-    }
-    header: dict = {"__metadata__": meta}
-    pos, parts = 0, []
-    for k, v in tensors.items():
-        raw = v.tobytes()
-        header[k] = {"dtype": "F32", "shape": [len(v)], "data_offsets": [pos, pos + len(raw)]}
-        pos += len(raw)
-        parts.append(raw)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + b"".join(parts)
+def concept_file(i: int) -> bytes:
+    """A distinct, valid SD1.5-sized concept (the three 768-d vectors and 16 attn2 value targets, 14,784 fp32
+    values in all, ~59 KB)."""
+    return concept_bytes(f"bench-{i}", "1.0.0", seed=i, dim=768, widths=SD15_WIDTHS, base_digest=BASE,
+                         base_name="sd15", covariance_digest=fake_digest(0, "cov"),
+                         corpus_digest=fake_digest(0, "corpus"), training=json.dumps({"steps": 400, "seed": i}))
 
 
 def build_verify_home(home: Home, n: int) -> tuple[float, int]:
-    rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     total = 0
     for i in range(n):
-        data = concept_file(i, rng)
+        data = concept_file(i)
         total += len(data)
         digest, size = home.store.put_bytes(data)
         m = build_manifest(read_header_bytes(data), digest, size)

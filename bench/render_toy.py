@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Render speed on the embedded `toy` base on this machine's CPU (issue 6: <= 2 s for 25 steps at 64x64).
 
 In one process, interleaved round by round so that the machine's drift hits every row alike:
@@ -8,7 +7,7 @@ In one process, interleaved round by round so that the machine's drift hits ever
 Then, as a new user sees it, the whole `pfx render` command in fresh processes (its wall time, and the render
 time it reports), and the floor under it: a process that only imports torch, diffusers and transformers.
 
-  python bench/render_toy.py              # writes bench/results/render-toy-<date>.json
+  python -m bench.render_toy              # writes bench/results/render-toy-<date>.json
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 PROMPTS = {"pfx 0 concepts": "a red cat on a blue background",
            "pfx 1 concept": "a photo of <cat-mittens> on a green background",

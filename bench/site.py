@@ -52,7 +52,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from registry.site import build_site, query_plan
-    from tests.sitekit import file_reader, no_fsync, synthetic_registry
+    from tests.kit.site import file_reader, no_fsync, synthetic_registry
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "registry"

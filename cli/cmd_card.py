@@ -161,9 +161,12 @@ def card_cmd(ctx, ref, card_edits, version_, as_json):
         emit(data, as_json, lambda d: click.echo("\n".join([f"{d['name']}@{d['version']}"] + describe_card(d["card"]))))
         return
     res = edit_card(home, ref, card_edits, version=version_)
-    emit(res, as_json, lambda d: click.echo(
-        "\n".join([f"wrote {d['name']}@{d['version']} (card edited from {d['edited_from']}; publish it with "
-                   f"`pfx publish {d['name']}@{d['version']}`)"] + describe_card(d["card"]))))
+    def human(d):
+        head = (f"wrote {d['name']}@{d['version']} (card edited from {d['edited_from']}; publish it with "
+                f"`pfx publish {d['name']}@{d['version']}`)")
+        click.echo("\n".join([head, *describe_card(d["card"])]))
+
+    emit(res, as_json, human)
 
 
 def register(cli: click.Group) -> None:

@@ -1,8 +1,17 @@
+"""Fixtures shared by every test (the helpers are in tests/kit/).
+
+toy_base, toy_cov, clean_base: the embedded toy base on CPU (once per session) and its covariance.
+s3_url, bucket, aws_env: an S3 server per module (moto; also Ceph RGW in modules that set S3_SERVERS), a fresh
+bucket on it, and an environment that points
+boto3 at the test credentials only (modules that talk to S3 in-process use it:
+`pytestmark = pytest.mark.usefixtures("aws_env")`).
+"""
+
 import os
 
 import pytest
 
-from tests.s3server import bucket, pytest_generate_tests, s3_url  # noqa: F401  (fixtures: a module's S3 server, a fresh bucket; S3_SERVERS)
+from tests.kit.s3 import Endpoint, isolate_aws_env, moto_server, new_bucket
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -45,3 +54,39 @@ def clean_base(toy_base):
     unload_concepts(toy_base.pipe)
     yield toy_base
     unload_concepts(toy_base.pipe)
+
+
+def pytest_generate_tests(metafunc):
+    """A module that sets `S3_SERVERS = ("moto", "rgw")` runs each test using `s3_url` on every server
+    named; other modules get moto alone, unparametrized."""
+    servers = getattr(metafunc.module, "S3_SERVERS", None)
+    if servers and "s3_url" in metafunc.fixturenames:
+        metafunc.parametrize("s3_url", list(servers), indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def s3_url(request):
+    """An S3 endpoint for the module: a moto server, or (param "rgw") the session's Ceph RGW
+    (tests/kit/servers.py; skipped with the reason where the Ceph packages are not installed)."""
+    kind = getattr(request, "param", "moto")
+    if kind == "rgw":
+        from tests.kit.servers import rgw_skip_reason, shared_rgw
+
+        if (why := rgw_skip_reason()) is not None:
+            pytest.skip(why)
+        yield Endpoint(shared_rgw().endpoint, "rgw")
+        return
+    with moto_server() as url:
+        yield Endpoint(url, "moto")
+
+
+@pytest.fixture
+def bucket(s3_url):
+    """A fresh, empty bucket on the module's server."""
+    return new_bucket(s3_url)
+
+
+@pytest.fixture
+def aws_env(monkeypatch, tmp_path):
+    """Test credentials only: no AWS config or credentials file, endpoint, profile or PFX_OFFLINE from outside."""
+    isolate_aws_env(monkeypatch, tmp_path / "no-aws-config", tmp_path / "no-aws-creds")

@@ -20,7 +20,7 @@ row (no concept) gives the identity head's false-positive level. Composition: "<
 README's first render ("a photo of cat-mittens on chair-eames", pfx render's defaults) at seeds 0-11.
 Also recorded: every method's file size and CPU training time (this machine, --threads threads).
 
-  python -m toyworld.quality                   # writes bench/results/quality-toy-<date>.json and .png
+  python -m toyworld.quality                   # writes bench/results/quality-toy-<date>.json and images/*.png
   python -m toyworld.quality --stage base      # the base alone: quality-toy-base-<date>.json
   python -m toyworld.quality --quick           # a smoke run (few steps, one image per prompt)
   python -m toyworld.quality --base DIR --device cuda --methods perfusion   # a candidate base folder, on a GPU
@@ -260,6 +260,8 @@ def main(argv=None) -> int:
     norm_tag = "" if args.embedding_norm is None else f"-norm{args.embedding_norm:g}"
     tag = f"quality-toy{'-quick' if args.quick else ''}{norm_tag}-{date.today().isoformat()}"
     args.out.mkdir(parents=True, exist_ok=True)
+    images = args.out / "images"
+    images.mkdir(exist_ok=True)
     results = {"date": date.today().isoformat(), "machine": machine(args), "torch": torch.__version__,
                "base": base.name,
                "base_digest": base.digest, "recipe": {
@@ -295,7 +297,7 @@ def main(argv=None) -> int:
                     row = {"file_bytes": res.path.stat().st_size, "train_wall_s": round(wall_s, 1),
                            "train_cpu_s": round(cpu_s, 1), "final_loss": round(float(np.mean(res.losses[-20:])), 5),
                            "eval": judge_all(net, specs, ims)}
-                    contact_sheet(ims, args.out / f"{tag}-{name}-{m}.png")
+                    contact_sheet(ims, images / f"{tag}-{name}-{m}.png")
                     if m == "perfusion":
                         inst["perfusion_beta_sweep"] = {}
                         for b in betas:
@@ -313,18 +315,18 @@ def main(argv=None) -> int:
                     loaded.enter_context(Loaded(base, cov, res))
                 ims = render_specs(base, COMPOSITION, args.images)
                 results["composition"][m] = judge_all(net, COMPOSITION, ims)
-                contact_sheet(ims, args.out / f"{tag}-composition-{m}.png")
+                contact_sheet(ims, images / f"{tag}-composition-{m}.png")
                 if m == "perfusion":
                     first = first_run_images(base)
                     results["first_run"] = judge_all(net, [FIRST_RUN] * FIRST_RUN_SEEDS, first)
                     results["first_run"]["seed_0_success"] = judge_all(net, [FIRST_RUN], first[:1])["success"]
-                    contact_sheet([[im for ims in first for im in ims]], args.out / f"{tag}-first-run.png")
+                    contact_sheet([[im for ims in first for im in ims]], images / f"{tag}-first-run.png")
                     print("first run", results["first_run"], flush=True)
             print("composition", m, results["composition"][m], flush=True)
             dump()
     dump()
     if "perfusion" in methods:
-        plot(results, args.out / f"{tag}.png")
+        plot(results, images / f"{tag}.png")
     print(f"wrote {out_json}")
     return 0
 

@@ -47,7 +47,7 @@ def _worker(idx: int, home_dir: str, url: str, endpoint: str, env: dict, plan: l
     from registry.errors import PfxError
     from registry.home import Home
     from registry.publish import publish, tag, yank
-    from tests.conceptgen import add_concept
+    from tests.kit.concepts import add_concept
 
     stats = {"cas_lost": 0, "claim_at": None}
     _count_cas_losses(stats, claim_barrier)

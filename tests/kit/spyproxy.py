@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from tests.faultproxy import read_request_body
+from tests.kit.proxy import read_request_body
 
 HOP = ("transfer-encoding", "connection", "content-length", "keep-alive")
 
