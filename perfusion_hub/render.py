@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from perfusion_hub import __version__
 from perfusion_hub.concept import Concept
 from perfusion_hub.covariance import Covariance
-from perfusion_hub import __version__
 from perfusion_hub.errors import BadInput
 from perfusion_hub.infotext import format_infotext
 from perfusion_hub.loaders import load_concepts, runtime_of

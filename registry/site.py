@@ -137,7 +137,7 @@ def _layout(title: str, body: str, depth: int, assets: dict[str, str]) -> bytes:
 <footer class="muted">A static catalogue of a pfx registry. Every file is checked by digest when pfx installs it.</footer>
 <script src="{root}{assets['js']}" defer></script>
 </body></html>
-""".encode("utf-8")
+""".encode()
 
 
 def _flag(perms: dict, key: str, yes: str, no: str) -> str:
