@@ -86,9 +86,9 @@ def load_concepts(
     rt = runtime_of(pipe)
     if rt is not None and not rt.uses_covariance(cov.matrix, (cov.base_digest, cov.corpus_digest)):
         raise IncompatibleConcepts(
-            f"this pipeline's concepts ({', '.join(rt.concepts)}) were loaded with another covariance, and all "
-            "concepts of a pipeline share one; pass the same covariance, or unload them first (unload_concepts) "
-            "to load concepts with this one"
+            f"this pipeline's concepts ({', '.join(rt.concepts)}) were loaded with another covariance, and "
+            "all concepts of a pipeline share one; pass the same covariance, or unload them first "
+            "(unload_concepts) to load concepts with this one"
         )
     corpora = {c.metadata["corpus_digest"] for c in items} | ({rt.corpus_digest} if rt else set())
     if cov.corpus_digest:
@@ -103,8 +103,9 @@ def load_concepts(
         raise IncompatibleConcepts(f"two concepts use the same token: {triggers}")
     if len({c.name for c in items}) != len(items):
         raise IncompatibleConcepts("the same concept name was given twice")
-    after = {n: s.target_input for n, s in (rt.concepts.items() if rt else ()) if n not in {c.name for c in items}}
-    check_concepts_composable(after | {c.name: c.target_input for c in items}, cov.matrix)
+    new = {c.name: c.target_input for c in items}
+    kept = {n: s.target_input for n, s in (rt.concepts.items() if rt else ()) if n not in new}
+    check_concepts_composable(kept | new, cov.matrix)
 
     if rt is None:
         rt = PerfusionRuntime(pipe.unet, cov.matrix, exact=True if exact is None else exact,

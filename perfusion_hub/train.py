@@ -10,8 +10,8 @@ computed once; the text encoder runs once per micro-batch on the distinct templa
 (images, flips, templates, noise, timesteps) comes from one seeded CPU generator, so a run is
 deterministic on CPU and a resumed run continues exactly where the checkpoint left off.
 
-Precision: in fp16 the loss is scaled dynamically (`_LossScale`) so that the small gradients flowing back through
-the fp16 UNet do not underflow; fp32 and bf16 runs are not scaled (bf16 has fp32's range).
+Precision: in fp16 the loss is scaled dynamically (`_LossScale`) so that the small gradients flowing back
+through the fp16 UNet do not underflow; fp32 and bf16 runs are not scaled (bf16 has fp32's range).
 
 Target: what the base's UNet was trained to predict, read from its scheduler's `prediction_type`: "epsilon"
 (the noise; SD1.x, the toy base) or "v_prediction" (the velocity sqrt(a) noise - sqrt(1 - a) x0; SD2.x 768).
@@ -91,11 +91,11 @@ class _LossScale:
     Why: the UNet runs in fp16, and the gradient entering it is tiny (d mean(err^2) / d pred = 2 err / N, with
     N = 16 x 4 x 64 x 64 for SD1.5's batch: ~1e-5), so much of the backward pass underflows fp16 (below 6e-5
     it loses precision, below 6e-8 it is zero). The loss is multiplied by `scale` before backward and the
-    gradients (of fp32 parameters) are divided by it before the optimizer step; the scale is a power of two, so
-    both are exact. A step whose gradients hold inf or NaN (the scale was too high) is skipped and the scale
-    halved; after GROWTH_INTERVAL good steps in a row it doubles. A skipped step changes nothing (parameters, i*,
-    optimizer state) but uses up its part of the sampling plan. Disabled (fp32, bf16): no scaling, no
-    checks, no host sync, so those runs compute exactly what they computed before scaling existed.
+    gradients (of fp32 parameters) are divided by it before the optimizer step; the scale is a power of two,
+    so both are exact. A step whose gradients hold inf or NaN (the scale was too high) is skipped and the
+    scale halved; after GROWTH_INTERVAL good steps in a row it doubles. A skipped step changes nothing
+    (parameters, i*, optimizer state) but uses up its part of the sampling plan. Disabled (fp32, bf16): no
+    scaling, no checks, no host sync, so those runs compute exactly what they computed before scaling existed.
     """
 
     INIT = 2.0**16  # GradScaler's default: 2 err / N x 65536 is ~1 at SD1.5's batch
@@ -263,10 +263,11 @@ def train_concept(
 
     super_id = check_superclass(tok, superclass)
     prediction = sched.config.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES or (prediction == "v_prediction" and not hasattr(sched, "get_velocity")):
-        raise BadInput(f"this base's scheduler says its UNet predicts {prediction!r}; training supports bases that "
-                       f"predict {' or '.join(PREDICTION_TYPES)} (if the scheduler config is wrong, set its "
-                       "prediction_type to what the UNet was trained for)")
+    has_velocity = hasattr(sched, "get_velocity")
+    if prediction not in PREDICTION_TYPES or (prediction == "v_prediction" and not has_velocity):
+        raise BadInput(f"this base's scheduler says its UNet predicts {prediction!r}; training supports "
+                       f"bases that predict {' or '.join(PREDICTION_TYPES)} (if the scheduler config is wrong, "
+                       "set its prediction_type to what the UNet was trained for)")
     photos = load_photos(photos_dir, base.resolution, warn=_warn)
     if covariance.base_digest and covariance.base_digest != base.digest:
         raise BadInput("the covariance was computed for another base; recompute it for this one")
@@ -414,14 +415,15 @@ def train_concept(
                     loss = err.mean()
                 scaler(loss * (b / cfg.batch_size)).backward()
                 step_loss += loss.detach() * (b / cfg.batch_size)
-            if world > 1:  # scaled gradients: every process then sees the same inf/NaN and skips the same steps
+            if world > 1:  # still scaled: every process then sees the same inf/NaN and skips the same steps
                 _all_reduce_sum([p.grad for p in params] + [concept_enc, step_loss])
             if scaler.unscale([p.grad for p in params]):  # fp16 overflow: this step changes nothing
                 opt.step()
                 with torch.no_grad():
                     if cap:
                         embedding.mul_((cap / embedding.norm()).clamp(max=1.0))
-                    state.target_input = cfg.ema * state.target_input + (1 - cfg.ema) * concept_enc / cfg.batch_size
+                    state.target_input = (cfg.ema * state.target_input
+                                          + (1 - cfg.ema) * concept_enc / cfg.batch_size)
             if rt is not None:
                 rt.touch()
             step += 1
