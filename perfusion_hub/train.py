@@ -8,7 +8,10 @@ Nothing else has a gradient: every base weight is frozen.
 Speed choices (the base and the UNet's own cost dominate): VAE latents of every photo and its flip are
 computed once; the text encoder runs once per micro-batch on the distinct templates only; all sampling
 (images, flips, templates, noise, timesteps) comes from one seeded CPU generator, so a run is
-deterministic on CPU and a resumed run continues exactly where the checkpoint left off.
+deterministic on CPU and a resumed run continues exactly where the checkpoint left off, given the same
+number of CPU threads (torch.get_num_threads(): runs on 1 and on 2 threads differ in the last bits, since
+reductions split their work by thread). A run leaves the pipeline as it found it (the text encoder's token
+embeddings included: SavedEmbeddings), except that the base's weights are left frozen.
 
 Precision: in fp16 the loss is scaled dynamically (`_LossScale`) so that the small gradients flowing back
 through the fp16 UNet do not underflow; fp32 and bf16 runs are not scaled (bf16 has fp32's range).
@@ -33,7 +36,7 @@ import torch
 from perfusion_hub.concept import FORMAT, FORMAT_VERSION, Concept, atomic_write_bytes, save_concept
 from perfusion_hub.covariance import Covariance
 from perfusion_hub.errors import BadInput
-from perfusion_hub.loaders import add_tokens, suspend, unload_concepts
+from perfusion_hub.loaders import SavedEmbeddings, add_tokens, suspend, unload_concepts
 from perfusion_hub.photos import load_photos
 from perfusion_hub.processor import ConceptState, PerfusionRuntime
 
@@ -296,6 +299,7 @@ def train_concept(
     # concepts loaded in this pipeline (a render keeps them) must not take part: the training runtime below
     # would find their processors installed and never see its own concept
     restore = suspend(pipe)
+    embeddings = SavedEmbeddings(te)
     try:
         add_tokens(pipe, [trigger], [emb_init])
     except BaseException:
@@ -444,6 +448,7 @@ def train_concept(
                 a.to_k.weight.requires_grad_(False)
                 a.to_v.weight.requires_grad_(False)
         pipe.unload_textual_inversion(trigger)
+        embeddings.put_back()
         restore()
     if cfg.method == "trained_keys":
         extra = {f"{p}.key_target": v.detach().float().cpu() for p, v in state.key_targets.items()}

@@ -309,3 +309,37 @@ def test_later_load_applies_exact_and_refuses_another_covariance(clean_base, toy
     load_concepts(pipe, [dog], covariance=other)
     assert runtime_of(pipe).uses_covariance(other) and not runtime_of(pipe).uses_covariance(toy_cov.matrix)
 
+
+def test_training_and_loading_leave_the_text_encoder_as_they_found_it(clean_base, toy_cov, tmp_path):
+    """Item 7: a training run, and loading then unloading concepts, leave no trace in the text encoder beyond
+    the documented freeze: the same token-embedding module and weight tensor (not diffusers' replacement:
+    trainable, in training mode, viewing a storage that still holds the removed rows), the same
+    config.vocab_size and tokenizer. Two runs in a row then start from the same state and give the same bits."""
+    from perfusion_hub.loaders import load_concepts, unload_concepts
+    from tests.enginekit import synthetic_concept
+
+    pipe = clean_base.pipe
+    te = pipe.text_encoder
+    te.requires_grad_(False)  # what every run does first
+    photos = photo_folder(tmp_path / "photos", n=2)
+
+    def state():
+        e = te.get_input_embeddings()
+        return {"module": e, "weight": (e.weight.data_ptr(), e.weight.untyped_storage().nbytes()),
+                "trainable": [n for n, p in te.named_parameters() if p.requires_grad],
+                "training": [n for n, m in te.named_modules() if m.training],
+                "vocab_size": te.config.vocab_size, "tokens": len(pipe.tokenizer)}
+
+    def run():
+        return train_concept(clean_base, photos, name="cat-mittens", superclass="cat", covariance=toy_cov,
+                             out_path=tmp_path / "c.safetensors",
+                             config=TrainConfig(steps=1, batch_size=2, previews=0)).concept.tensors()
+
+    before = state()
+    first = run()
+    assert state() == before
+    load_concepts(pipe, [synthetic_concept(clean_base, toy_cov, "chair-eames", "chair")], covariance=toy_cov)
+    second = run()  # with a concept loaded (training takes it out of the way and puts it back)
+    unload_concepts(pipe)
+    assert state() == before
+    assert all(torch.equal(t, second[k]) for k, t in first.items())
