@@ -101,9 +101,9 @@ def check_composable(targets: torch.Tensor, root: torch.Tensor, names: list[str]
     label = list(names) if names is not None else [f"concept {k + 1}" for k in range(n)]
     if n >= d:
         raise IncompatibleConcepts(
-            f"{n} concepts cannot be composed on a {d}-dimensional text encoder: at most {d - 1} (with {d} or "
-            "more their target inputs span every encoding and the edit would remove the base's own output); "
-            "compose fewer concepts"
+            f"{n} concepts cannot be composed on a {d}-dimensional text encoder: at most {d - 1} (with {d} "
+            "or more their target inputs span every encoding and the edit would remove the base's own "
+            "output); compose fewer concepts"
         )
     if n < 2:
         return

@@ -90,9 +90,9 @@ def load_concepts(
     rt = runtime_of(pipe)
     if rt is not None and not rt.uses_covariance(cov.matrix, (cov.base_digest, cov.corpus_digest)):
         raise IncompatibleConcepts(
-            f"this pipeline's concepts ({', '.join(rt.concepts)}) were loaded with another covariance, and all "
-            "concepts of a pipeline share one; pass the same covariance, or unload them first (unload_concepts) "
-            "to load concepts with this one"
+            f"this pipeline's concepts ({', '.join(rt.concepts)}) were loaded with another covariance, and "
+            "all concepts of a pipeline share one; pass the same covariance, or unload them first "
+            "(unload_concepts) to load concepts with this one"
         )
     corpora = {c.metadata["corpus_digest"] for c in items} | ({rt.corpus_digest} if rt else set())
     if cov.corpus_digest:
@@ -107,8 +107,9 @@ def load_concepts(
         raise IncompatibleConcepts(f"two concepts use the same token: {triggers}")
     if len({c.name for c in items}) != len(items):
         raise IncompatibleConcepts("the same concept name was given twice")
-    after = {n: s.target_input for n, s in (rt.concepts.items() if rt else ()) if n not in {c.name for c in items}}
-    check_concepts_composable(after | {c.name: c.target_input for c in items}, cov.matrix)
+    new = {c.name: c.target_input for c in items}
+    kept = {n: s.target_input for n, s in (rt.concepts.items() if rt else ()) if n not in new}
+    check_concepts_composable(kept | new, cov.matrix)
 
     if rt is None:
         rt = runtime_class(pipe.unet, cov.matrix, exact=True if exact is None else exact,
@@ -116,6 +117,7 @@ def load_concepts(
                               covariance_identity=(cov.base_digest, cov.corpus_digest))
         rt.corpus_digest = next(iter(corpora))
         rt.eos_id = pipe.tokenizer.eos_token_id
+        rt.embeddings = SavedEmbeddings(pipe.text_encoder)  # put back by the last unload
         pipe.unet._pfx_runtime = rt
         rt.hook = pipe.text_encoder.register_forward_hook(_observe(rt), with_kwargs=True)
     replaced = [c.name for c in items if c.name in rt.concepts]
@@ -151,6 +153,31 @@ def _on_device(items: list[Concept], device) -> list[tuple[torch.Tensor, torch.T
             pos += t.numel()
         out.append((views[0], views[1], dict(zip(c.value_targets, views[2:]))))
     return out
+
+
+class SavedEmbeddings:
+    """A text encoder's token-embedding module, weight and config.vocab_size, to put back after tokens added
+    to it (add_tokens) are removed again (diffusers' unload_textual_inversion).
+
+    Adding tokens resizes the module's weight and raises config.vocab_size (transformers); unloading them
+    installs a new nn.Embedding (trainable, in training mode, viewing a storage that still holds the removed
+    rows) and leaves config.vocab_size as it was raised. So every training run, and every load/unload of
+    concepts, left the text encoder a little different (and a pipeline saved afterwards would not load:
+    vocab_size != rows). put_back() reinstalls the module and weight saved here when unloading gave back as
+    many rows: the same rows, since only the added tokens' rows were ever written, and unloading removed them.
+    """
+
+    def __init__(self, te):
+        self.te, self.module = te, te.get_input_embeddings()
+        self.weight, self.vocab_size = self.module.weight.data, te.config.vocab_size
+
+    def put_back(self) -> None:
+        if self.te.get_input_embeddings().weight.shape != self.weight.shape:  # not what unloading gives: keep it
+            return
+        self.module.weight.data = self.weight
+        self.module.num_embeddings = self.weight.shape[0]
+        self.te.set_input_embeddings(self.module)
+        self.te.config.vocab_size = self.vocab_size
 
 
 def add_tokens(pipe, tokens: list[str], embeddings: list[torch.Tensor]) -> list[int]:
@@ -217,4 +244,5 @@ def unload_concepts(pipe, names: Iterable[str] | None = None, *, _keep_runtime: 
     if not rt.concepts and not _keep_runtime:
         rt.uninstall()
         rt.hook.remove()
+        rt.embeddings.put_back()
         del pipe.unet._pfx_runtime

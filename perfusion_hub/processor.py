@@ -112,7 +112,7 @@ class ConceptState:
 class PerfusionRuntime:
     def __init__(self, unet, covariance: torch.Tensor, *, exact: bool = True, gate_positions: str = "all",
                  covariance_identity: tuple[str, str] = ("", "")):
-        """`covariance_identity`: (base digest, corpus digest) of the covariance when known (uses_covariance)."""
+        """`covariance_identity`: the covariance's (base digest, corpus digest) if known (uses_covariance)."""
         if gate_positions not in GATE_POSITIONS:
             raise ValueError(f"gate_positions must be one of {GATE_POSITIONS}")
         self.unet = unet
@@ -189,8 +189,9 @@ class PerfusionRuntime:
             self.touch()
 
     def uses_covariance(self, covariance: torch.Tensor, identity: tuple[str, str] = ("", "")) -> bool:
-        """Whether `covariance` is this runtime's C: the same matrix, or a copy with the same known (base digest,
-        corpus digest), which spec section 5 makes interchangeable (recomputed elsewhere: only rounding differs)."""
+        """Whether `covariance` is this runtime's C: the same matrix, or a copy with the same known (base
+        digest, corpus digest), which spec section 5 makes interchangeable (recomputed elsewhere, only
+        rounding differs)."""
         if all(identity) and tuple(identity) == self.covariance_identity:
             return True
         return covariance_key(covariance) == self.covariance_key
@@ -217,10 +218,10 @@ class PerfusionRuntime:
         return self._key_states
 
     def set_global_lock(self, key_states: torch.Tensor | None) -> None:
-        """Global key-locking (spec section 3) for encodings of `key_states`' shape: the keys of every position
-        are W_K applied to `key_states` (the prompt's encodings with each concept token replaced by its
-        superclass word); the values stay edited. None: local key-locking (the default). Cached text K/V are
-        dropped, so the same encodings give the keys of the mode now set."""
+        """Global key-locking (spec section 3) for encodings of `key_states`' shape: the keys of every
+        position are W_K applied to `key_states` (the prompt's encodings with each concept token replaced by
+        its superclass word); the values stay edited. None: local key-locking (the default). Cached text
+        K/V are dropped, so the same encodings give the keys of the mode now set."""
         self._key_states = key_states
         self._kv_cache.clear()
 
@@ -235,8 +236,8 @@ class PerfusionRuntime:
 
     # ---- activation -----------------------------------------------------------------------------
     def activate(self, names: list[str] | None) -> None:
-        """Use exactly these concepts (None: detect them from the prompt's tokens). A set that cannot be composed
-        is refused here (check_composable), before any UNet call."""
+        """Use exactly these concepts (None: detect them from the prompt's tokens). A set that cannot be
+        composed is refused here (check_composable), before any UNet call."""
         if names is not None:
             unknown = [n for n in names if n not in self.concepts]
             if unknown:
@@ -247,11 +248,11 @@ class PerfusionRuntime:
         self._kv_cache.clear()
 
     def check_composable(self, names: list[str]) -> None:
-        """Refuse (IncompatibleConcepts, naming them) concepts that cannot be composed: as many as the encodings
-        have dimensions, or numerically dependent target inputs (edit.check_composable)."""
+        """Refuse (IncompatibleConcepts, naming them) concepts that cannot be composed: as many as the
+        encodings have dimensions, or numerically dependent target inputs (edit.check_composable)."""
         if len(names) > 1:
-            check_composable(torch.stack([self.concepts[n].target_input.detach().cpu().double() for n in names]),
-                             self.root, names)
+            targets = torch.stack([self.concepts[n].target_input.detach().cpu().double() for n in names])
+            check_composable(targets, self.root, names)
 
     def active(self) -> list[str]:
         return self._explicit if self._explicit is not None else self._seen
@@ -283,7 +284,7 @@ class PerfusionRuntime:
         targets = torch.stack([c.target_input.detach().cpu().double() for c in cs])
         beta = torch.tensor([c.beta for c in cs], dtype=torch.float64)
         tau = torch.tensor([c.tau for c in cs], dtype=torch.float64)
-        b = make_basis(targets, self.c_inv, self.root, beta, tau, exact=self.exact, names=[c.name for c in cs])
+        b = make_basis(targets, self.c_inv, self.root, beta, tau, exact=self.exact, names=list(names))
         b = Basis(*(t.to(device) for t in (b.U, b.A, b.G, b.beta, b.tau)))
         self._basis_cache = (key, b)
         return b

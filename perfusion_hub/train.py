@@ -8,10 +8,13 @@ Nothing else has a gradient: every base weight is frozen.
 Speed choices (the base and the UNet's own cost dominate): VAE latents of every photo and its flip are
 computed once; the text encoder runs once per micro-batch on the distinct templates only; all sampling
 (images, flips, templates, noise, timesteps) comes from one seeded CPU generator, so a run is
-deterministic on CPU and a resumed run continues exactly where the checkpoint left off.
+deterministic on CPU and a resumed run continues exactly where the checkpoint left off, given the same
+number of CPU threads (torch.get_num_threads(): runs on 1 and on 2 threads differ in the last bits, since
+reductions split their work by thread). A run leaves the pipeline as it found it (the text encoder's token
+embeddings included: SavedEmbeddings), except that the base's weights are left frozen.
 
-Precision: in fp16 the loss is scaled dynamically (`_LossScale`) so that the small gradients flowing back through
-the fp16 UNet do not underflow; fp32 and bf16 runs are not scaled (bf16 has fp32's range).
+Precision: in fp16 the loss is scaled dynamically (`_LossScale`) so that the small gradients flowing back
+through the fp16 UNet do not underflow; fp32 and bf16 runs are not scaled (bf16 has fp32's range).
 
 Target: what the base's UNet was trained to predict, read from its scheduler's `prediction_type`: "epsilon"
 (the noise; SD1.x, the toy base) or "v_prediction" (the velocity sqrt(a) noise - sqrt(1 - a) x0; SD2.x 768).
@@ -33,7 +36,7 @@ import torch
 from perfusion_hub.concept import FORMAT, FORMAT_VERSION, Concept, atomic_write_bytes, save_concept
 from perfusion_hub.covariance import Covariance
 from perfusion_hub.errors import BadInput
-from perfusion_hub.loaders import add_tokens, suspend, unload_concepts
+from perfusion_hub.loaders import SavedEmbeddings, add_tokens, suspend, unload_concepts
 from perfusion_hub.photos import load_photos
 from perfusion_hub.processor import ConceptState, PerfusionRuntime
 
@@ -84,11 +87,11 @@ class _LossScale:
     Why: the UNet runs in fp16, and the gradient entering it is tiny (d mean(err^2) / d pred = 2 err / N, with
     N = 16 x 4 x 64 x 64 for SD1.5's batch: ~1e-5), so much of the backward pass underflows fp16 (below 6e-5
     it loses precision, below 6e-8 it is zero). The loss is multiplied by `scale` before backward and the
-    gradients (of fp32 parameters) are divided by it before the optimizer step; the scale is a power of two, so
-    both are exact. A step whose gradients hold inf or NaN (the scale was too high) is skipped and the scale
-    halved; after GROWTH_INTERVAL good steps in a row it doubles. A skipped step changes nothing (parameters, i*,
-    optimizer state) but uses up its part of the sampling plan. Disabled (fp32, bf16): no scaling, no
-    checks, no host sync, so those runs compute exactly what they computed before scaling existed.
+    gradients (of fp32 parameters) are divided by it before the optimizer step; the scale is a power of two,
+    so both are exact. A step whose gradients hold inf or NaN (the scale was too high) is skipped and the
+    scale halved; after GROWTH_INTERVAL good steps in a row it doubles. A skipped step changes nothing
+    (parameters, i*, optimizer state) but uses up its part of the sampling plan. Disabled (fp32, bf16): no
+    scaling, no checks, no host sync, so those runs compute exactly what they computed before scaling existed.
     """
 
     INIT = 2.0**16  # GradScaler's default: 2 err / N x 65536 is ~1 at SD1.5's batch
@@ -343,6 +346,7 @@ def train_concept(
     # concepts loaded in this pipeline (a render keeps them) must not take part: the training runtime below
     # would find their processors installed and never see its own concept
     restore = suspend(pipe)
+    embeddings = SavedEmbeddings(te)
     try:
         add_tokens(pipe, [trigger], [emb_init])
     except BaseException:
@@ -430,14 +434,15 @@ def train_concept(
                                       dtype, channels_last)
                 scaler(loss * (b / cfg.batch_size)).backward()
                 step_loss += loss.detach() * (b / cfg.batch_size)
-            if world > 1:  # scaled gradients: every process then sees the same inf/NaN and skips the same steps
+            if world > 1:  # still scaled: every process then sees the same inf/NaN and skips the same steps
                 _all_reduce_sum([p.grad for p in params] + [concept_enc, step_loss])
             if scaler.unscale([p.grad for p in params]):  # fp16 overflow: this step changes nothing
                 opt.step()
                 with torch.no_grad():
                     if cap:
                         embedding.mul_((cap / embedding.norm()).clamp(max=1.0))
-                    state.target_input = cfg.ema * state.target_input + (1 - cfg.ema) * concept_enc / cfg.batch_size
+                    state.target_input = (cfg.ema * state.target_input
+                                          + (1 - cfg.ema) * concept_enc / cfg.batch_size)
             rt.touch()
             step += 1
             pending.append(step_loss)
@@ -452,6 +457,7 @@ def train_concept(
         if rt is not None:
             rt.uninstall()
         pipe.unload_textual_inversion(trigger)
+        embeddings.put_back()
         restore()
 
     concept = Concept(

@@ -19,7 +19,14 @@ from pathlib import Path
 import torch
 
 from perfusion_hub.concept import Concept
-from perfusion_hub.loaders import add_tokens, load_concepts, runtime_of, suspend, unload_concepts
+from perfusion_hub.loaders import (
+    SavedEmbeddings,
+    add_tokens,
+    load_concepts,
+    runtime_of,
+    suspend,
+    unload_concepts,
+)
 from perfusion_hub.processor import ConceptState, PerfusionRuntime, cross_attention_modules
 from perfusion_hub.train import (
     TEMPLATES,
@@ -95,6 +102,7 @@ def train_method(method: str, base, photos_dir, *, name: str, superclass: str, c
     trigger = f"<{name}>"
     layers = cross_attention_modules(pipe.unet)
     restore = suspend(pipe)
+    embeddings = SavedEmbeddings(te)
     add_tokens(pipe, [trigger], [data.emb_init])
     rt = hook = None
     kv_saved: dict[str, torch.Tensor] = {}
@@ -175,6 +183,7 @@ def train_method(method: str, base, photos_dir, *, name: str, superclass: str, c
                 a.to_k.weight.requires_grad_(False)
                 a.to_v.weight.requires_grad_(False)
         pipe.unload_textual_inversion(trigger)
+        embeddings.put_back()
         restore()
     if method == "trained_keys":
         learned = {f"{p}.key_target": v.detach().float().cpu() for p, v in keys.items()}
@@ -216,6 +225,7 @@ class Loaded:
                 rt.trained_keys[c.name] = {k.rsplit(".", 1)[0]: v for k, v in self.result.learned.items()}
                 rt.touch()
             return self
+        self.embeddings = SavedEmbeddings(pipe.text_encoder)
         add_tokens(pipe, [c.trigger], [c.token_embedding])
         if m == "full_kv":
             self.saved = swap_kv_weights(cross_attention_modules(pipe.unet), self.result.learned)
@@ -229,3 +239,4 @@ class Loaded:
         if m == "full_kv":
             swap_kv_weights(cross_attention_modules(pipe.unet), self.saved)
         pipe.unload_textual_inversion(c.trigger)
+        self.embeddings.put_back()

@@ -13,8 +13,11 @@ def _grads_of_first_step(base, cov, photos, out) -> torch.Tensor:
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     seen = []
-    handle = register_optimizer_step_pre_hook(
-        lambda opt, args, kwargs: seen.append(torch.cat([p.grad.flatten() for p in opt.param_groups[1]["params"]])))
+
+    def values_grad(opt, args, kwargs):
+        seen.append(torch.cat([p.grad.flatten() for p in opt.param_groups[1]["params"]]))
+
+    handle = register_optimizer_step_pre_hook(values_grad)
     try:
         train_concept(base, photos, name="cat-tiny", superclass="cat", covariance=cov, out_path=out,
                       config=TrainConfig(steps=1, batch_size=4, previews=0, flip=False))
@@ -26,7 +29,8 @@ def _grads_of_first_step(base, cov, photos, out) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def tiny_cov(toy_cov):
     """The toy base's covariance for the tiny bases (same text encoder), not tied to a base digest."""
-    return Covariance(toy_cov.matrix, base_digest="", corpus_digest=toy_cov.corpus_digest, count=toy_cov.count)
+    return Covariance(toy_cov.matrix, base_digest="", corpus_digest=toy_cov.corpus_digest,
+                      count=toy_cov.count)
 
 
 def test_fp16_training_gradients_match_fp32(toy_base, tiny_cov, tmp_path):
@@ -34,8 +38,8 @@ def test_fp16_training_gradients_match_fp32(toy_base, tiny_cov, tmp_path):
     value-target gradients (up to fp16 rounding of the forward pass). Unscaled, the fp16 backward loses the
     small gradients (measured: cosine 0.97, 25% relative error); with loss scaling the error is ~0.4%."""
     photos = photo_folder(tmp_path / "photos", n=2)
-    g32 = _grads_of_first_step(tiny_base(toy_base, torch.float32), tiny_cov, photos, tmp_path / "a.safetensors")
-    g16 = _grads_of_first_step(tiny_base(toy_base, torch.float16), tiny_cov, photos, tmp_path / "b.safetensors")
+    g32 = _grads_of_first_step(tiny_base(toy_base, torch.float32), tiny_cov, photos, tmp_path / "a.st")
+    g16 = _grads_of_first_step(tiny_base(toy_base, torch.float16), tiny_cov, photos, tmp_path / "b.st")
     cos = float(torch.nn.functional.cosine_similarity(g16, g32, dim=0))
     rel = float((g16 - g32).norm() / g32.norm())
     print(f"fp16 vs fp32 value-target gradients: cosine {cos:.6f}, relative error {rel:.4f}")
@@ -44,7 +48,8 @@ def test_fp16_training_gradients_match_fp32(toy_base, tiny_cov, tmp_path):
 
 def test_fp16_resume_carries_the_loss_scale(toy_base, tiny_cov, tmp_path, monkeypatch):
     """Item 1: a resumed fp16 run equals the uninterrupted one. The scale starts low and doubles after every
-    step here, so a resumed run that restarted the scale would see other gradients (more of them underflow)."""
+    step here, so a resumed run that restarted the scale would see other gradients (more of them
+    underflow)."""
     from perfusion_hub import train
 
     monkeypatch.setattr(train._LossScale, "INIT", 16.0)
@@ -73,9 +78,10 @@ def test_fp16_resume_carries_the_loss_scale(toy_base, tiny_cov, tmp_path, monkey
 
 
 def test_v_prediction_base_trains_towards_the_velocity(clean_base, toy_cov, tmp_path):
-    """Item 6: with the scheduler switched to v_prediction, the first step's loss is the MSE between the UNet's
-    prediction and the velocity sqrt(a) noise - sqrt(1 - a) x0, computed here by hand from what the step fed
-    the scheduler and what the UNet returned; "sample" (or anything else) is refused before training starts."""
+    """Item 6: with the scheduler switched to v_prediction, the first step's loss is the MSE between the
+    UNet's prediction and the velocity sqrt(a) noise - sqrt(1 - a) x0, computed here by hand from what the
+    step fed the scheduler and what the UNet returned; "sample" (or anything else) is refused before
+    training starts."""
     from diffusers import DDIMScheduler
 
     from perfusion_hub.errors import BadInput
@@ -89,17 +95,18 @@ def test_v_prediction_base_trains_towards_the_velocity(clean_base, toy_cov, tmp_
             return super().add_noise(original_samples, noise, timesteps)
 
     photos = photo_folder(tmp_path / "photos", n=2)
+    one_step = TrainConfig(steps=1, batch_size=4, previews=0)
     saved = pipe.scheduler
     handle = pipe.unet.register_forward_hook(lambda m, a, out: preds.append(out.sample.detach().float()))
     try:
         pipe.scheduler = Recording.from_config(saved.config, prediction_type="v_prediction")
         res = train_concept(clean_base, photos, name="cat-v", superclass="cat", covariance=toy_cov,
-                            out_path=tmp_path / "v.safetensors", config=TrainConfig(steps=1, batch_size=4, previews=0))
+                            out_path=tmp_path / "v.safetensors", config=one_step)
         pipe.scheduler = DDIMScheduler.from_config(saved.config, prediction_type="sample")
         vocab = len(pipe.tokenizer)
         with pytest.raises(BadInput, match="'sample'.*epsilon or v_prediction"):
             train_concept(clean_base, photos, name="cat-x", superclass="cat", covariance=toy_cov,
-                          out_path=tmp_path / "x.safetensors", config=TrainConfig(steps=1, batch_size=4, previews=0))
+                          out_path=tmp_path / "x.safetensors", config=one_step)
         assert len(pipe.tokenizer) == vocab and not (tmp_path / "x.safetensors").exists()
     finally:
         pipe.scheduler = saved
@@ -108,7 +115,7 @@ def test_v_prediction_base_trains_towards_the_velocity(clean_base, toy_cov, tmp_
     a = saved.alphas_cumprod[t].view(-1, 1, 1, 1).float()
     v = a.sqrt() * noise - (1 - a).sqrt() * x0
     assert res.losses[0] == pytest.approx(float(((pred - v) ** 2).mean()), rel=1e-5)
-    assert res.losses[0] != pytest.approx(float(((pred - noise) ** 2).mean()), rel=1e-2)  # not the noise target
+    assert res.losses[0] != pytest.approx(float(((pred - noise) ** 2).mean()), rel=1e-2)  # not the noise
 
 
 def _encode(pipe, prompt: str) -> torch.Tensor:
@@ -125,7 +132,8 @@ def test_global_lock_switch_is_seen_by_the_kv_cache(clean_base, toy_cov):
     from tests.kit.engine import synthetic_concept
 
     pipe = clean_base.pipe
-    load_concepts(pipe, [synthetic_concept(clean_base, toy_cov, "cat-mittens", "cat", seed=3)], covariance=toy_cov)
+    cat = synthetic_concept(clean_base, toy_cov, "cat-mittens", "cat", seed=3)
+    load_concepts(pipe, [cat], covariance=toy_cov)
     rt = runtime_of(pipe)
     ehs = _encode(pipe, "a photo of a <cat-mittens>")
     sup = _encode(pipe, "a photo of a cat")
@@ -148,8 +156,9 @@ def _pipeline_state(pipe) -> dict:
     """What loading concepts changes in a pipeline: processors, tokenizer, token embeddings, the runtime."""
     from perfusion_hub.loaders import loaded_concepts
 
-    return {"processors": {p: type(m) for p, m in pipe.unet.attn_processors.items()}, "vocab": len(pipe.tokenizer),
-            "rows": pipe.text_encoder.get_input_embeddings().weight.shape[0], "loaded": loaded_concepts(pipe)}
+    return {"processors": {p: type(m) for p, m in pipe.unet.attn_processors.items()},
+            "vocab": len(pipe.tokenizer), "rows": pipe.text_encoder.get_input_embeddings().weight.shape[0],
+            "loaded": loaded_concepts(pipe)}
 
 
 def _variant(concept, name: str, target_input: torch.Tensor):
@@ -157,7 +166,8 @@ def _variant(concept, name: str, target_input: torch.Tensor):
     from perfusion_hub.concept import Concept
 
     meta = dict(concept.metadata, name=name, trigger=f"<{name}>")
-    return Concept(meta, concept.token_embedding, target_input, concept.superclass_input, concept.value_targets)
+    return Concept(meta, concept.token_embedding, target_input, concept.superclass_input,
+                   concept.value_targets)
 
 
 def test_more_concepts_than_text_dimensions_refused():
@@ -169,11 +179,16 @@ def test_more_concepts_than_text_dimensions_refused():
     d = 4
     c_inv, root = inverse_and_root(torch.eye(d, dtype=torch.float64))
     g = torch.Generator().manual_seed(0)
+
+    def basis(n):
+        gates = torch.full((n,), 0.7), torch.full((n,), 0.15)
+        return make_basis(torch.randn(n, d, generator=g), c_inv, root, *gates)
+
     for n in (d, d + 1):
-        with pytest.raises(IncompatibleConcepts, match=f"{n} concepts cannot be composed on a {d}-dimensional text "
-                                                       f"encoder: at most {d - 1}"):
-            make_basis(torch.randn(n, d, generator=g), c_inv, root, torch.full((n,), 0.7), torch.full((n,), 0.15))
-    make_basis(torch.randn(d - 1, d, generator=g), c_inv, root, torch.full((d - 1,), 0.7), torch.full((d - 1,), 0.15))
+        refusal = f"{n} concepts cannot be composed on a {d}-dimensional text encoder: at most {d - 1}"
+        with pytest.raises(IncompatibleConcepts, match=refusal):
+            basis(n)
+    assert basis(d - 1).U.shape == (d, d - 1)
 
 
 def test_more_concepts_than_text_dimensions_refused_at_load(clean_base, toy_cov):
@@ -187,7 +202,8 @@ def test_more_concepts_than_text_dimensions_refused_at_load(clean_base, toy_cov)
     assert d == 128
     c = synthetic_concept(clean_base, toy_cov, "cat-mittens", "cat")
     g = torch.Generator().manual_seed(1)
-    many = [_variant(c, f"cat-{k}", torch.randn(d, generator=g) * c.target_input.norm() / d**0.5) for k in range(d)]
+    scale = c.target_input.norm() / d**0.5
+    many = [_variant(c, f"cat-{k}", torch.randn(d, generator=g) * scale) for k in range(d)]
     before = _pipeline_state(clean_base.pipe)
     with pytest.raises(IncompatibleConcepts, match=f"{d} concepts cannot be composed on a {d}-dimensional"):
         load_concepts(clean_base.pipe, many, covariance=toy_cov)
@@ -206,7 +222,8 @@ def test_dependent_target_inputs_refused_at_load_naming_the_concepts(clean_base,
 
     pipe = clean_base.pipe
     a = synthetic_concept(clean_base, toy_cov, "cat-a", "cat", seed=1)
-    b = _variant(synthetic_concept(clean_base, toy_cov, "cat-b", "cat", seed=2), "cat-b", a.target_input.clone())
+    b = synthetic_concept(clean_base, toy_cov, "cat-b", "cat", seed=2)
+    b.target_input = a.target_input.clone()
     chair = synthetic_concept(clean_base, toy_cov, "chair-eames", "chair", seed=3)
     before = _pipeline_state(pipe)
     with pytest.raises(IncompatibleConcepts, match="cat-a and cat-b have .*dependent target inputs"):
@@ -230,15 +247,16 @@ def test_dependent_target_inputs_refused_at_load_naming_the_concepts(clean_base,
 def _state(c):
     from perfusion_hub.processor import ConceptState
 
-    return ConceptState(c.name, c.trigger, None, c.target_input, c.superclass_input, dict(c.value_targets), c.beta,
-                        c.tau)
+    return ConceptState(c.name, c.trigger, None, c.target_input, c.superclass_input, dict(c.value_targets),
+                        c.beta, c.tau)
 
 
 def test_later_load_applies_exact_and_refuses_another_covariance(clean_base, toy_cov):
-    """Item 5: a later load_concepts on a pipeline that already has concepts (a) applies `exact`: the pipeline's
-    K/V then are those of the per-concept subtraction, as a runtime built with exact=False computes them, and a
-    call without `exact` keeps that mode; (b) refuses another covariance, with nothing changed, while taking
-    the same one (or a copy with the same base and corpus digests); after unloading, the other one loads."""
+    """Item 5: a later load_concepts on a pipeline that already has concepts (a) applies `exact`: the
+    pipeline's K/V then are those of the per-concept subtraction, as a runtime built with exact=False
+    computes them, and a call without `exact` keeps that mode; (b) refuses another covariance, with nothing
+    changed, while taking the same one (or a copy with the same base and corpus digests); after unloading,
+    the other one loads."""
     from perfusion_hub.errors import IncompatibleConcepts
     from perfusion_hub.loaders import load_concepts, runtime_of, unload_concepts
     from perfusion_hub.processor import PerfusionRuntime
@@ -258,14 +276,14 @@ def test_later_load_applies_exact_and_refuses_another_covariance(clean_base, toy
         other.eos_id = rt.eos_id
         for n in names:
             other.add(rt.concepts[n])
-    ids = pipe.tokenizer(["a photo of a <cat-mittens> on a <chair-eames>"], padding="max_length", max_length=77,
-                         return_tensors="pt").input_ids
+    ids = pipe.tokenizer(["a photo of a <cat-mittens> on a <chair-eames>"], padding="max_length",
+                         max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         ehs = pipe.text_encoder(ids)[0]
     path, attn = next(iter(rt.layers.items()))
 
     def kv(runtime):
-        runtime.position_masks = runtime.masks_from_ids(ids, names)  # the prompt's own positions (toy: "span")
+        runtime.position_masks = runtime.masks_from_ids(ids, names)  # the prompt's own positions ("span")
         try:
             with torch.no_grad():
                 return torch.cat(runtime.key_value(path, attn, ehs, names), -1)
@@ -290,3 +308,38 @@ def test_later_load_applies_exact_and_refuses_another_covariance(clean_base, toy
     unload_concepts(pipe)
     load_concepts(pipe, [dog], covariance=other)
     assert runtime_of(pipe).uses_covariance(other) and not runtime_of(pipe).uses_covariance(toy_cov.matrix)
+
+
+def test_training_and_loading_leave_the_text_encoder_as_they_found_it(clean_base, toy_cov, tmp_path):
+    """Item 7: a training run, and loading then unloading concepts, leave no trace in the text encoder beyond
+    the documented freeze: the same token-embedding module and weight tensor (not diffusers' replacement:
+    trainable, in training mode, viewing a storage that still holds the removed rows), the same
+    config.vocab_size and tokenizer. Two runs in a row then start from the same state and give the same bits."""
+    from perfusion_hub.loaders import load_concepts, unload_concepts
+    from tests.enginekit import synthetic_concept
+
+    pipe = clean_base.pipe
+    te = pipe.text_encoder
+    te.requires_grad_(False)  # what every run does first
+    photos = photo_folder(tmp_path / "photos", n=2)
+
+    def state():
+        e = te.get_input_embeddings()
+        return {"module": e, "weight": (e.weight.data_ptr(), e.weight.untyped_storage().nbytes()),
+                "trainable": [n for n, p in te.named_parameters() if p.requires_grad],
+                "training": [n for n, m in te.named_modules() if m.training],
+                "vocab_size": te.config.vocab_size, "tokens": len(pipe.tokenizer)}
+
+    def run():
+        return train_concept(clean_base, photos, name="cat-mittens", superclass="cat", covariance=toy_cov,
+                             out_path=tmp_path / "c.safetensors",
+                             config=TrainConfig(steps=1, batch_size=2, previews=0)).concept.tensors()
+
+    before = state()
+    first = run()
+    assert state() == before
+    load_concepts(pipe, [synthetic_concept(clean_base, toy_cov, "chair-eames", "chair")], covariance=toy_cov)
+    second = run()  # with a concept loaded (training takes it out of the way and puts it back)
+    unload_concepts(pipe)
+    assert state() == before
+    assert all(torch.equal(t, second[k]) for k, t in first.items())

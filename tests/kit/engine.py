@@ -69,9 +69,10 @@ def tiny_base(toy_base, dtype: torch.dtype, *, seed: int = 0, out_scale: float =
     """A base made of the toy base's tokenizer and text encoder, a small random VAE and a small random UNet
     (seeded: every call gives the same weights), all in `dtype` on CPU: cheap to train in fp16 on a CPU.
 
-    `out_scale` scales the UNet's output layer. The gradient entering the UNet's body is d mean(err^2) / d pred =
-    2 err / N times that layer's weights; N is 4 x 4 x 16 x 16 for a batch of 4 here and 16 x 4 x 64 x 64 (64x
-    more) for SD1.5's batch, so with 1/64 the body sees gradients of SD1.5's magnitude: the ones fp16 loses.
+    `out_scale` scales the UNet's output layer. The gradient entering the UNet's body is
+    d mean(err^2) / d pred = 2 err / N times that layer's weights; N is 4 x 4 x 16 x 16 for a batch of 4 here
+    and 16 x 4 x 64 x 64 (64x more) for SD1.5's batch, so with 1/64 the body sees gradients of SD1.5's
+    magnitude: the ones fp16 loses.
     """
     import copy
 
@@ -94,8 +95,8 @@ def tiny_base(toy_base, dtype: torch.dtype, *, seed: int = 0, out_scale: float =
         unet.conv_out.bias.mul_(out_scale)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=copy.deepcopy(src.text_encoder),
                                    tokenizer=copy.deepcopy(src.tokenizer), unet=unet,
-                                   scheduler=DDIMScheduler.from_config(src.scheduler.config), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+                                   scheduler=DDIMScheduler.from_config(src.scheduler.config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.to("cpu", dtype)
     return Base(BaseSpec("dir", str(TOY), f"tiny-{str(dtype).split('.')[-1]}"), pipe, "cpu", dtype)
