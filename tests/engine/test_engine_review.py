@@ -316,7 +316,7 @@ def test_training_and_loading_leave_the_text_encoder_as_they_found_it(clean_base
     trainable, in training mode, viewing a storage that still holds the removed rows), the same
     config.vocab_size and tokenizer. Two runs in a row then start from the same state and give the same bits."""
     from perfusion_hub.loaders import load_concepts, unload_concepts
-    from tests.enginekit import synthetic_concept
+    from tests.kit.engine import synthetic_concept
 
     pipe = clean_base.pipe
     te = pipe.text_encoder

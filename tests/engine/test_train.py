@@ -56,8 +56,10 @@ def test_training_ignores_loaded_concepts_and_leaves_them_loaded(clean_base, toy
     with pytest.raises(RuntimeError, match="another Perfusion runtime"):  # a second runtime cannot stack on it
         PerfusionRuntime(clean_base.pipe.unet, toy_cov.matrix).install()
     b = _train(clean_base, toy_cov, photos, tmp_path / "b1.safetensors")
+    # equal to fp32 rounding (bitwise in most runs; a loaded CPU has given 1-ulp differences): the bug this guards
+    # against, training through the loaded concept's processors, left the value targets unmoved (~1e-2 off)
     for k, t in bare.concept.tensors().items():
-        assert torch.equal(t, b.concept.tensors()[k]), k
+        torch.testing.assert_close(b.concept.tensors()[k], t, rtol=1e-5, atol=1e-6, msg=k)
     assert loaded_concepts(clean_base.pipe) == ["chair-a"]
     assert list(show().getdata()) == list(before.getdata())
 
@@ -81,7 +83,9 @@ def test_resume_continues_exactly(clean_base, toy_cov, tmp_path):
                      resume=True)
     assert resumed.losses == pytest.approx(straight.losses, rel=1e-6)
     for k, t in straight.concept.tensors().items():
-        torch.testing.assert_close(resumed.concept.tensors()[k], t, rtol=1e-6, atol=1e-7)
+        # a resumed run sums in another order where the checkpoint split the run (measured: up to 2e-7), so fp32
+        # rounding, not equality; losing any resumed state (Adam moments, the generator, i*) moves it by ~1e-3
+        torch.testing.assert_close(resumed.concept.tensors()[k], t, rtol=1e-6, atol=1e-6)
     assert not ckpt.exists()
 
 
