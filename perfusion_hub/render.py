@@ -18,6 +18,7 @@ from perfusion_hub.covariance import Covariance
 from perfusion_hub.errors import BadInput
 from perfusion_hub.loaders import load_concepts, runtime_of
 from perfusion_hub.prompts import parse_prompt
+from perfusion_hub.text import prompt_embeds
 
 
 @dataclass
@@ -106,16 +107,17 @@ def render(
     try:
         if parsed.concepts and global_lock:
             cfg = guidance > 1
-            pos, neg = pipe.encode_prompt(parsed.text, pipe.device, 1, cfg, negative_prompt)
-            pos_sup, neg_sup = pipe.encode_prompt(parsed.superclass_text, pipe.device, 1, cfg, negative_prompt)
-            keys = pos_sup.expand(count, -1, -1)
-            rt.set_global_lock(torch.cat([neg_sup.expand(count, -1, -1), keys]) if cfg else keys)
-            out = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, **common)
+            embeds = prompt_embeds(pipe, parsed.text, 1, cfg, negative_prompt)
+            sup = prompt_embeds(pipe, parsed.superclass_text, 1, cfg, negative_prompt)
+            keys = sup["prompt_embeds"].expand(count, -1, -1)
+            rt.set_global_lock(torch.cat([sup["negative_prompt_embeds"].expand(count, -1, -1), keys]) if cfg else keys)
+            out = pipe(**embeds, **common)
         elif fast is not None:
             cfg = guidance > 1
-            pos, neg = pipe.encode_prompt(parsed.text, pipe.device, count, cfg, negative_prompt)
+            embeds = prompt_embeds(pipe, parsed.text, count, cfg, negative_prompt)
+            pos, neg = embeds["prompt_embeds"], embeds["negative_prompt_embeds"]
             fast.prepare(torch.cat([neg, pos]) if cfg else pos, parsed.concepts)
-            out = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, **dict(common, num_images_per_prompt=1))
+            out = pipe(**embeds, **dict(common, num_images_per_prompt=1))
         else:
             out = pipe(prompt=parsed.text, negative_prompt=negative_prompt, **common)
     finally:
