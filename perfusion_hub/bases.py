@@ -4,9 +4,9 @@ Accepted bases, of three families (perfusion_hub.text: sd1, sd2, sdxl), detected
   toy                 the embedded test base (weights, configs and tokenizer ship in perfusion_hub/data/toy)
   a diffusers folder   anything with model_index.json; its "_class_name" picks StableDiffusionXLPipeline (SDXL) or
                        StableDiffusionPipeline (SD1.x, SD2.x)
-  a .safetensors file  a single-file SD1.x, SD2.x (768, v-prediction) or SDXL checkpoint, told apart by its tensor
-                       names (as diffusers does); configs ship in perfusion_hub/data/sd15, sd2 and sdxl; the tokenizer(s)
-                       come from --tokenizer (and --tokenizer-2 for SDXL) or the Hugging Face cache
+  a .safetensors file  a single-file SD1.x, SD2.x (768, v-prediction) or SDXL checkpoint, told apart by its
+                       tensor names (as diffusers does); configs ship in perfusion_hub/data/sd15, sd2 and sdxl; the
+                       tokenizer(s) come from --tokenizer (and --tokenizer-2 for SDXL) or the Hugging Face cache
   a Hub model id       e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 or stabilityai/stable-diffusion-xl-base-1.0:
                        read from the Hugging Face cache, downloaded once when online
 
@@ -318,8 +318,8 @@ def _single_file_tokenizers(family: str, tokenizer: str | None, tokenizer_2: str
     return {
         "tokenizer": _load_tokenizer(tokenizer, offline, cache_ids=SDXL_TOKENIZER_CACHE_IDS,
                                      what="SDXL's first (CLIP ViT-L) tokenizer", download=xl),
-        "tokenizer_2": _load_tokenizer(tokenizer_2 or None, offline, cache_ids=TOKENIZER_2_CACHE_IDS + TOKENIZER_CACHE_IDS,
-                                       pad_token="!", what="SDXL's second (OpenCLIP bigG) tokenizer",
+        "tokenizer_2": _load_tokenizer(tokenizer_2 or None, offline,
+                                       cache_ids=TOKENIZER_2_CACHE_IDS + TOKENIZER_CACHE_IDS, pad_token="!", what="SDXL's second (OpenCLIP bigG) tokenizer",
                                        flag="--tokenizer-2", download=xl),
     }
 
