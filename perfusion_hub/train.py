@@ -26,7 +26,7 @@ concept token (the pooled policy of perfusion_hub.text; so no gradient reaches t
 time ids (H, W, 0, 0, H, W) at the base resolution, as the pipeline computes them by default.
 
 Memory: the UNet is frozen but its backward still needs activations. `TrainConfig.gradient_checkpointing` None
-(auto) starts without checkpointing and, on a CUDA out-of-memory error in a step, enables it
+(auto) starts without checkpointing and, on an out-of-memory error in a step (torch.OutOfMemoryError: CUDA, MPS), enables it
 (`unet.enable_gradient_checkpointing()`: activations recomputed in the backward, ~1/3 more UNet compute) and
 retries the step; a second one halves the micro-batch (down to 1). Nothing of the step had been applied, and the
 noise and sampling plan do not depend on the micro-batch split, so a retried step computes what it would have
@@ -465,7 +465,7 @@ def train_concept(
         params = [p for g in groups for p in g["params"]]
         caps = [cfg.embedding_norm * float(e.norm()) for e in data.emb_inits]
         lat_shape = (cfg.batch_size, *data.mean.shape[1:])
-        auto_memory = cfg.gradient_checkpointing is None and device.type == "cuda"
+        auto_memory = cfg.gradient_checkpointing is None  # (only CUDA and MPS raise OutOfMemoryError)
         while step < cfg.steps:
             # the whole batch's noise on every process (same generator), so N processes = one process
             noise_all = torch.randn(lat_shape, generator=gen, device=device)
@@ -502,7 +502,8 @@ def train_concept(
                         raise
                     loss = enc_all = None
                     opt.zero_grad(set_to_none=True)
-                    torch.cuda.empty_cache()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
                     if not checkpointing:
                         checkpointing = True
                         unet.enable_gradient_checkpointing()

@@ -355,6 +355,40 @@ def test_gradient_checkpointing_gives_the_same_training_step(clean_xl, tmp_path)
     assert json.loads(res[True].concept.metadata["training"])["gradient_checkpointing"] is True
 
 
+def test_out_of_memory_retries_the_step_with_checkpointing_then_a_smaller_micro_batch(clean_xl, tmp_path, monkeypatch):
+    """Auto memory mode: an out-of-memory error in a step turns gradient checkpointing on and retries the step; a second
+    one halves the micro-batch. The retried run computes what a run with those settings from the start computes (the
+    noise and plan do not depend on the micro-batch split)."""
+    from perfusion_hub import train as train_mod
+    from perfusion_hub.train import TrainConfig, train_concept
+
+    base, cov = clean_xl
+    photos = photo_folder(tmp_path / "photos", n=2)
+    real, calls = train_mod.denoising_loss, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) in (1, 2):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "denoising_loss", flaky)
+    seen = []
+    auto = train_concept(base, photos, name="cat-mittens", superclass="cat", covariance=cov, warn=seen.append,
+                         out_path=tmp_path / "a.safetensors", config=TrainConfig(steps=1, batch_size=2, previews=0))
+    monkeypatch.setattr(train_mod, "denoising_loss", real)
+    fixed = train_concept(base, photos, name="cat-mittens", superclass="cat", covariance=cov,
+                          out_path=tmp_path / "b.safetensors",
+                          config=TrainConfig(steps=1, batch_size=2, micro_batch=1, previews=0,
+                                             gradient_checkpointing=True))
+    assert "gradient checkpointing" in seen[0] and "micro-batch 1" in seen[1]
+    training = json.loads(auto.concept.metadata["training"])
+    assert training["gradient_checkpointing"] is True and training["micro_batch"] == 1
+    for k, t in fixed.concept.tensors().items():
+        torch.testing.assert_close(auto.concept.tensors()[k], t, rtol=1e-5, atol=1e-6)
+    assert not base.pipe.unet.is_gradient_checkpointing
+
+
 def test_cli_train_and_render_on_an_sdxl_folder_and_wrong_family_exit_7(xl, tmp_path, monkeypatch):
     """`pfx base add` shows the family; `pfx train` / `pfx render` run unchanged on an SDXL diffusers folder; an SDXL
     concept rendered on the toy base exits 7 naming both families."""
