@@ -500,17 +500,18 @@ def train_concept(
                 except torch.OutOfMemoryError:
                     if not auto_memory or (checkpointing and micro == 1):
                         raise
-                    loss = enc_all = None
-                    opt.zero_grad(set_to_none=True)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    if not checkpointing:
-                        checkpointing = True
-                        unet.enable_gradient_checkpointing()
-                        _warn(f"out of GPU memory at micro-batch {micro}: training with gradient checkpointing")
-                    else:
-                        micro = max(1, micro // 2)
-                        _warn(f"out of GPU memory with gradient checkpointing: micro-batch {micro}")
+                # here, outside the except block, the failed attempt's tensors (held by its traceback) are released
+                loss = enc_all = None
+                opt.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if not checkpointing:
+                    checkpointing = True
+                    unet.enable_gradient_checkpointing()
+                    _warn(f"out of memory at micro-batch {micro}: training with gradient checkpointing")
+                else:
+                    micro = max(1, micro // 2)
+                    _warn(f"out of memory with gradient checkpointing: micro-batch {micro}")
             if world > 1:  # scaled gradients: every process then sees the same inf/NaN and skips the same steps
                 _all_reduce_sum([p.grad for p in params] + [concept_enc, step_loss])
             if scaler.unscale([p.grad for p in params]):  # fp16 overflow: this step changes nothing
