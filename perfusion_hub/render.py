@@ -2,7 +2,8 @@
 
 A prompt that references no concept runs the plain pipeline (the processors hand every call to the
 stock ones), so its images are bit-identical to the base's for the same seed. Concepts stay loaded
-between calls, so a beta sweep or a batch of prompts pays the load once.
+between calls, so a beta sweep or a batch of prompts pays the load once. SDXL pipelines render the same way; a
+prompt with concepts gets the pooled embedding of its superclass-substituted text (perfusion_hub.text).
 """
 
 from __future__ import annotations
