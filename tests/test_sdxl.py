@@ -390,8 +390,9 @@ def test_out_of_memory_retries_the_step_with_checkpointing_then_a_smaller_micro_
 
 
 def test_cli_train_and_render_on_an_sdxl_folder_and_wrong_family_exit_7(xl, tmp_path, monkeypatch):
-    """`pfx base add` shows the family; `pfx train` / `pfx render` run unchanged on an SDXL diffusers folder; an SDXL
-    concept rendered on the toy base exits 7 naming both families."""
+    """`pfx base add` shows the family; `pfx train` / `pfx render` run unchanged on an SDXL diffusers folder; the
+    concept publishes to a file remote and installs into another home (its manifest records family sdxl) that renders
+    it; an SDXL concept rendered on the toy base exits 7 naming both families."""
     from click.testing import CliRunner
 
     from cli.main import cli
@@ -422,6 +423,21 @@ def test_cli_train_and_render_on_an_sdxl_folder_and_wrong_family_exit_7(xl, tmp_
     img = tmp_path / "r.png"
     run("render", "a photo of cat-mittens", "--base", "xl", "--steps", "2", "-o", str(img))
     assert img.exists()
+    # publish to a file remote, install into another home (the manifest records the family), render there
+    reg = (tmp_path / "reg").as_uri()
+    run("remote", "add", "loc", reg, "--default")
+    run("publish", "cat-mittens", "--json")
+    other = ["--home", str(tmp_path / "home2")]
+    run(*other, "remote", "add", "loc", reg)
+    installed = json.loads(run(*other, "install", "cat-mittens", "--json").output)
+    assert installed[0]["status"] == "installed"
+    from registry.home import Home
+    from registry.names import parse_ref
+
+    home2 = Home.open(tmp_path / "home2", offline=True)
+    row = home2.find_installed(parse_ref("cat-mittens"))
+    assert home2.manifest(row["manifest"]).family == "sdxl"
+    run(*other, "render", "a photo of cat-mittens", "--base", folder, "--steps", "2", "-o", str(tmp_path / "r2.png"))
     res = run("render", "a photo of cat-mittens", "--base", "toy", "--steps", "2", "-o", str(tmp_path / "t.png"),
               code=7)
     assert "SDXL" in res.output and "SD1.x" in res.output
