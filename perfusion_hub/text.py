@@ -24,9 +24,11 @@ through the time embedding of every ResNet block, ungated and not local to the c
 the concept token move it would give the concept a global pathway that the gated rank-one edit cannot switch
 off (a prompt's other words and the other concepts would feel it), and training would push identity into it
 (the Textual-Inversion pathway that key-locking avoids). With the superclass pooled vector the concept acts
-only through its gated K/V edit, as on SD1.x. The measurement behind the choice (how far the pooled vector moves
-when it is allowed to, and what that does to the UNet output and the training loss on a small SDXL-shaped base):
-bench/README.md, "SDXL pooled embedding policy". Training uses the superclass templates' pooled vectors;
+only through its gated K/V edit, as on SD1.x. Measured on a small random SDXL-shaped base (bench/sdxl_pooled.py,
+bench/README.md "SDXL pooled embedding policy"): allowed to move, the pooled vector shifts by ~21% of its norm
+(median over 12 prompts) once the bigG embedding is trained, the pooled path carries 4% of the concept's effect on
+the UNet's prediction and 8% when training also flows through it, and the training loss gains nothing (within
+0.5%). Training uses the superclass templates' pooled vectors;
 rendering (also a plain `pipe(prompt)` call after `load_concepts`) gets them from `SuperclassPooled`, a forward hook
 on text_encoder_2 that re-encodes the prompt with concept tokens replaced by their superclass tokens. The time
 ids are the pipeline's defaults for the base resolution: (H, W, 0, 0, H, W).
