@@ -71,13 +71,15 @@ def register(cli: click.Group) -> None:
 @click.option("--device", help="cuda, cuda:1, cpu, mps (untested) or auto.")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto")
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False), help="Tokenizer folder (single-file bases).")
+@click.option("--tokenizer-2", "tokenizer_2", type=click.Path(exists=True, file_okay=False),
+              help="Second tokenizer folder (single-file SDXL bases).")
 @click.option("--previews", type=click.IntRange(0, 16), default=2, show_default=True)
 @card_options
 @json_option
 @click.pass_obj
 def train(obj, photos, name, superclass, version_, base, steps, batch_size, micro_batch, seed, no_flip,
-          embedding_norm, devices, resume, fast, captions, device, dtype, tokenizer, previews, card_edits,
-          as_json):
+          embedding_norm, devices, resume, fast, captions, device, dtype, tokenizer, tokenizer_2, previews,
+          card_edits, as_json):
     """Learn a concept from a folder of photos (optional masks/ beside them). The card options (title,
     licence, permissions...) go into the file's header; the thumbnail defaults to the first preview."""
     license_, description = card_edits.get("license", ""), card_edits.get("description", "")
@@ -94,7 +96,7 @@ def train(obj, photos, name, superclass, version_, base, steps, batch_size, micr
     from perfusion_hub.train import TrainConfig, train_concept
 
     value = base_value(obj, base)
-    b = open_base(obj, value, device=device, dtype=dtype, tokenizer=tokenizer)
+    b = open_base(obj, value, device=device, dtype=dtype, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
     cov = base_covariance(obj, b, captions)
     work = home.root / "work"
     work.mkdir(exist_ok=True)
@@ -121,7 +123,8 @@ def train(obj, photos, name, superclass, version_, base, steps, batch_size, micr
             summary = train_data_parallel(
                 devices, value, covariance=cov, photos_dir=str(photos),
                 load_kwargs={"device": "cuda" if b.device.startswith("cuda") else "cpu", "dtype": dtype,
-                             "tokenizer": tokenizer, "offline": obj.offline, "digest": b.digest}, **kwargs)
+                             "tokenizer": tokenizer, "tokenizer_2": tokenizer_2, "offline": obj.offline,
+                             "digest": b.digest}, **kwargs)
             result = SimpleNamespace(path=Path(summary["path"]), previews=[Path(p) for p in summary["previews"]],
                                      losses=summary["losses"], warnings=summary["warnings"])
         else:
@@ -142,7 +145,7 @@ def train(obj, photos, name, superclass, version_, base, steps, batch_size, micr
         )
     info = {
         "name": name, "version": version_, "manifest": manifest.digest, "concept": manifest.concept,
-        "base": b.name, "base_digest": b.digest, "steps": steps, "seconds": round(time.perf_counter() - t0, 2),
+        "base": b.name, "base_digest": b.digest, "family": b.family, "steps": steps, "seconds": round(time.perf_counter() - t0, 2),
         "final_loss": round(sum(result.losses[-10:]) / max(1, len(result.losses[-10:])), 5),
         "skipped": result.warnings,
     }
@@ -175,10 +178,11 @@ def _exact(name, version):
 @click.option("--device", help="cuda, cpu, mps (untested) or auto.")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto")
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False))
+@click.option("--tokenizer-2", "tokenizer_2", type=click.Path(exists=True, file_okay=False))
 @json_option
 @click.pass_obj
 def render(obj, prompt, with_names, base, seed, steps, guidance, beta, tau, global_lock, sweep_beta, count, output,
-           negative, install_missing, device, dtype, tokenizer, as_json):
+           negative, install_missing, device, dtype, tokenizer, tokenizer_2, as_json):
     """Render PROMPT, composing the installed concepts it names (e.g. "cat-mittens on chair-eames")."""
     from perfusion_hub.prompts import scan_prompt
 
@@ -206,7 +210,7 @@ def render(obj, prompt, with_names, base, seed, steps, guidance, beta, tau, glob
     from perfusion_hub.render import beta_grid
     from perfusion_hub.render import render as do_render
 
-    b = open_base(obj, value, device=device, dtype=dtype, tokenizer=tokenizer)
+    b = open_base(obj, value, device=device, dtype=dtype, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
     concepts, cov = concepts_for(obj, b, pairs)
     steps = steps or (25 if resolve_spec(value).kind == "embedded" else 50)
     kw = {"concepts": concepts, "covariance": cov, "with_names": list(with_names), "seed": seed, "steps": steps,
@@ -239,17 +243,19 @@ def base_group():
 @json_option
 @click.pass_obj
 def base_list(obj, as_json):
-    """Embedded and registered bases, with their digests when known."""
-    from perfusion_hub.bases import EMBEDDED
+    """Embedded and registered bases, with their family (sd1, sd2, sdxl) and whether each is the default."""
+    from perfusion_hub.bases import EMBEDDED, detect_family, resolve_spec
 
     home = obj.home
-    rows = [{"name": n, "location": "(embedded)", "default": False} for n in EMBEDDED]
+    rows = [{"name": n, "location": "(embedded)", "family": detect_family(resolve_spec(n)), "default": False}
+            for n in EMBEDDED]
     for n, spec in sorted(home.config.get("bases", {}).items()):
-        rows.append({"name": n, "location": spec["location"], "default": False})
+        rows.append({"name": n, "location": spec["location"], "family": spec.get("family"), "default": False})
     default = os.environ.get("PFX_BASE") or home.config.get("default_base") or "toy"
     for r in rows:
         r["default"] = r["name"] == default
-    emit(rows, as_json, lambda rs: table(rs, [("name", "NAME"), ("location", "LOCATION"), ("default", "DEFAULT")]))
+    emit(rows, as_json, lambda rs: table(rs, [("name", "NAME"), ("family", "FAMILY"), ("location", "LOCATION"),
+                                              ("default", "DEFAULT")]))
 
 
 @base_group.command("add")
@@ -260,7 +266,7 @@ def base_list(obj, as_json):
 @click.pass_obj
 def base_add(obj, name, location, make_default, compatible_with):
     """Register LOCATION (diffusers folder, .safetensors file or Hub id) under NAME."""
-    from perfusion_hub.bases import EMBEDDED, resolve_spec
+    from perfusion_hub.bases import EMBEDDED, detect_family, resolve_spec
     from registry.names import validate_name
 
     validate_name(name)
@@ -268,13 +274,16 @@ def base_add(obj, name, location, make_default, compatible_with):
         raise UsageError(f"{name} is an embedded base name; choose another")
     spec = resolve_spec(location)
     loc = spec.location
+    family = detect_family(spec)  # None: a Hub model not in the cache yet (known once it is loaded)
     with obj.home.edit_config() as cfg:
         cfg.setdefault("bases", {})[name] = {"location": loc, "kind": spec.kind}
+        if family:
+            cfg["bases"][name]["family"] = family
         if compatible_with:
             cfg["bases"][name]["compatible"] = list(compatible_with)
         if make_default:
             cfg["default_base"] = name
-    click.echo(f"registered base {name} -> {loc}")
+    click.echo(f"registered base {name} -> {loc}" + (f" ({family})" if family else ""))
 
 
 @base_group.command("prepare")
@@ -282,15 +291,18 @@ def base_add(obj, name, location, make_default, compatible_with):
 @click.option("--captions", type=click.Path(exists=True, dir_okay=False), help="Caption file (default: pfx's).")
 @click.option("--device")
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False))
+@click.option("--tokenizer-2", "tokenizer_2", type=click.Path(exists=True, file_okay=False))
 @json_option
 @click.pass_obj
-def base_prepare(obj, base, captions, device, tokenizer, as_json):
+def base_prepare(obj, base, captions, device, tokenizer, tokenizer_2, as_json):
     """Compute the base digest and its covariance C once, and keep them in the store."""
     t0 = time.perf_counter()
-    b = open_base(obj, base_value(obj, base), device=device, tokenizer=tokenizer)
+    b = open_base(obj, base_value(obj, base), device=device, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
     cov = base_covariance(obj, b, captions)
     info = {"base": b.name, "base_digest": b.digest, "covariance": cov.digest, "corpus_digest": cov.corpus_digest,
-            "dim": b.dim, "layers": len(b.layers()), "seconds": round(time.perf_counter() - t0, 2)}
+            "family": b.family, "text_dims": b.text_dims, "dim": b.dim, "layers": len(b.layers()),
+            "seconds": round(time.perf_counter() - t0, 2)}
     emit(info, as_json, lambda d: click.echo(
-        f"{d['base']}: digest {d['base_digest'][:19]}..., covariance {d['covariance'][:19]}... ({d['seconds']} s)"))
+        f"{d['base']} ({d['family']}, {'+'.join(map(str, d['text_dims']))}-d text, {d['layers']} attn2 layers): "
+        f"digest {d['base_digest'][:19]}..., covariance {d['covariance'][:19]}... ({d['seconds']} s)"))
 

@@ -37,14 +37,15 @@ def base_value(ctx_obj, explicit: str | None) -> str:
     return value
 
 
-def open_base(ctx_obj, value: str, *, device=None, dtype=None, tokenizer=None):
+def open_base(ctx_obj, value: str, *, device=None, dtype=None, tokenizer=None, tokenizer_2=None):
     """Load the base; its digest comes from the home's cache when the files are unchanged."""
     from perfusion_hub.bases import cache_key, load_base, resolve_spec
 
     spec = resolve_spec(value)
     key = cache_key(spec)
     cached = ctx_obj.home.get_base_digest(key) if spec.kind != "hub" else None
-    base = load_base(value, device=device, dtype=dtype, tokenizer=tokenizer, offline=ctx_obj.offline, digest=cached)
+    base = load_base(value, device=device, dtype=dtype, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                     offline=ctx_obj.offline, digest=cached)
     if not cached:
         ctx_obj.home.set_base_digest(key, base.name, base.digest)
     base.compatible = {d for spec in ctx_obj.home.config.get("bases", {}).values()
@@ -55,7 +56,7 @@ def open_base(ctx_obj, value: str, *, device=None, dtype=None, tokenizer=None):
 def base_covariance(ctx_obj, base, captions: str | None = None, *, required_corpus: str | None = None):
     """C for (base, corpus): from the store, else estimated once (progress bar) and stored."""
     from perfusion_hub.captions import corpus_digest, load_captions
-    from perfusion_hub.covariance import Covariance, estimate, packaged_covariance
+    from perfusion_hub.covariance import Covariance, estimate_for, packaged_covariance
 
     home = ctx_obj.home
     lines = load_captions(captions)
@@ -82,8 +83,7 @@ def base_covariance(ctx_obj, base, captions: str | None = None, *, required_corp
             bar.update(done - last[0])
             last[0] = done
 
-        cov = estimate(base.pipe.tokenizer, base.pipe.text_encoder, lines, base_digest=base.digest,
-                       corpus_digest=corpus, progress=step)
+        cov = estimate_for(base.pipe, lines, base_digest=base.digest, corpus_digest=corpus, progress=step)
     digest, _ = home.store.put_bytes(cov.to_bytes())
     home.add_covariance(digest, base_digest=base.digest, corpus_digest=corpus)
     return cov
@@ -125,7 +125,7 @@ def concepts_for(ctx_obj, base, pairs):
     for row, manifest in pairs:
         c = load_concept(home.store.read_bytes(manifest.concept["digest"]))
         check_fits_base(c, base_name=base.name, base_digest=base.digest, dim=base.dim, layers=base.layers(),
-                        compatible=base.compatible)
+                        compatible=base.compatible, family=base.family, text_dims=base.text_dims)
         concepts.append(c)
     if not concepts:
         return [], None

@@ -9,6 +9,9 @@
     image = pipe("a photo of <cat-mittens> on <chair-eames>").images[0]
     ph.unload_concepts(pipe)
 
+The same calls take a StableDiffusionXLPipeline (SDXL) or an SD2.x StableDiffusionPipeline: the family is detected
+from the pipeline (perfusion_hub.text), and concepts of another family are refused.
+
 Heavy libraries are imported lazily: `import perfusion_hub` alone does not import torch.
 """
 

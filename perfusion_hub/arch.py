@@ -6,9 +6,11 @@ blocks, then the mid block, as the UNet registers them), with its K/V output wid
 concept stores one value target of width d_l per such module, so the concept size follows from this map
 alone (spec section 8.7).
 
-Supported: the SD1.x/SD2.x family (`CrossAttnDownBlock2D` / `CrossAttnUpBlock2D`, `UNetMidBlock2DCrossAttn`,
-int or per-block `layers_per_block` / `transformer_layers_per_block`). Other block types contribute no
-`attn2` (plain `DownBlock2D`/`UpBlock2D`); unknown cross-attention block types are refused.
+Supported: the SD1.x, SD2.x and SDXL UNets (`CrossAttnDownBlock2D` / `CrossAttnUpBlock2D`,
+`UNetMidBlock2DCrossAttn`, int or per-block `layers_per_block` / `transformer_layers_per_block`: SDXL's [1, 2, 10]
+with a plain first down block and 10 transformer layers in the mid block gives its 70 attn2 modules, 10 of width 640
+and 60 of 1280, 83,200 in all). Other block types contribute no `attn2` (plain `DownBlock2D`/`UpBlock2D`); unknown
+cross-attention block types are refused.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def attn2_widths_from_config(unet_config: dict) -> dict[str, int]:
 
 
 def text_dim_from_config(unet_config: dict) -> int:
-    """The text-encoding width the cross-attention consumes (768 for SD1.x, 1024 for SD2.x)."""
+    """The text-encoding width the cross-attention consumes (768 for SD1.x, 1024 for SD2.x, 2048 for SDXL)."""
     d = unet_config.get("cross_attention_dim", 1280)
     if isinstance(d, (list, tuple)):
         if len(set(d)) != 1:
@@ -91,6 +93,12 @@ def text_dim_from_config(unet_config: dict) -> int:
     return int(d)
 
 
-def concept_float_count(unet_config: dict) -> int:
-    """Floats in a v1 concept for this UNet: 3 text-width vectors plus one value target per attn2."""
-    return 3 * text_dim_from_config(unet_config) + sum(attn2_widths_from_config(unet_config).values())
+def concept_float_count(unet_config: dict, text_dims: list[int] | None = None) -> int:
+    """Floats in a concept for this UNet: one token embedding per text encoder (`text_dims`; default one encoder
+    as wide as the cross-attention input, as in v1), i* and i_super (text width each) and one value target per attn2.
+    SD1.5: 3 x 768 + 12,480 = 14,784; SDXL (text_dims [768, 1280]): 2,048 + 2 x 2,048 + 83,200 = 89,344."""
+    dim = text_dim_from_config(unet_config)
+    dims = list(text_dims) if text_dims is not None else [dim]
+    if sum(dims) != dim:
+        raise ValueError(f"text encoder widths {dims} do not add up to the UNet's cross_attention_dim {dim}")
+    return sum(dims) + 2 * dim + sum(attn2_widths_from_config(unet_config).values())

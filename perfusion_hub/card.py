@@ -52,6 +52,7 @@ MODELSPEC_VERSION = "1.0.0"
 IMPLEMENTATION = "pfx"
 ARCHITECTURES = {
     "sd1": "stable-diffusion-v1",
+    "sd2": "stable-diffusion-v2",
     "sd2-512": "stable-diffusion-v2-512",
     "sd2-768-v": "stable-diffusion-v2-768-v",
     "sdxl": "stable-diffusion-xl-v1-base",
@@ -82,7 +83,9 @@ class CardError(ValueError):
 
 
 def base_family(meta: dict[str, str]) -> str:
-    return meta.get("base_family") or DEFAULT_FAMILY
+    """The concept's base family: the format's own `family` (v2: sd2, sdxl), else the card's `base_family`, else
+    sd1 (every v1 file)."""
+    return meta.get("family") or meta.get("base_family") or DEFAULT_FAMILY
 
 
 def architecture(meta: dict[str, str]) -> str:

@@ -1,5 +1,7 @@
 """The input covariance C of a base: the uncentered second moment of text-encoder outputs.
 
+The outputs are the UNet's context as the pipeline builds it (perfusion_hub.text): one encoder's last hidden
+state for SD1.x / SD2.x, the concatenation of both encoders' penultimate states for SDXL (one joint 2048 x 2048 C).
 C is accumulated in fp64 over ALL 77 positions of every caption (padding included: the edit sees every
 position). Its identity is (base digest, corpus digest); its file is a small safetensors blob whose
 sha256 guards integrity. Concepts reference it by those digests and never embed it.
@@ -17,7 +19,7 @@ import torch
 from perfusion_hub.concept import ConceptFormatError, atomic_write_bytes, parse_safetensors_header
 
 FORMAT = "pfx.covariance"
-MAX_COVARIANCE_BYTES = 64 << 20  # 4096-d fp32 would be 64 MB; SD1.5 (768-d) is 2.4 MB
+MAX_COVARIANCE_BYTES = 64 << 20  # 4096-d fp32 would be 64 MB; SD1.5 (768-d) is 2.4 MB, SDXL (2048-d) 16.8 MB
 
 
 class Covariance:
@@ -89,7 +91,6 @@ class Covariance:
         return cls.from_bytes(path.read_bytes(), str(path))
 
 
-@torch.no_grad()
 def estimate(
     tokenizer,
     text_encoder,
@@ -100,18 +101,43 @@ def estimate(
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
 ) -> Covariance:
-    """C = mean over captions and all 77 positions of e e^T, accumulated in fp64."""
+    """C of one text encoder's last hidden states (what SD1.x / SD2.x pipelines condition on). For any pipeline,
+    SDXL included, use `estimate_for(pipe, ...)`."""
+    from perfusion_hub.text import TextEncoders
+
+    return estimate_text(TextEncoders.single(tokenizer, text_encoder), captions, base_digest=base_digest,
+                         corpus_digest=corpus_digest, batch_size=batch_size, progress=progress)
+
+
+def estimate_for(pipe, captions: list[str], **kw) -> Covariance:
+    """C of a pipeline's text side (perfusion_hub.text.TextEncoders): for SDXL jointly over both encoders, i.e. the
+    second moment of the concatenated 2048-d context (768 CLIP + 1280 bigG penultimate states)."""
+    from perfusion_hub.text import TextEncoders
+
+    return estimate_text(TextEncoders.of(pipe), captions, **kw)
+
+
+@torch.no_grad()
+def estimate_text(
+    text,
+    captions: list[str],
+    *,
+    base_digest: str,
+    corpus_digest: str,
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> Covariance:
+    """C = mean over captions and all 77 positions of e e^T, accumulated in fp64, for e the UNet's context as
+    `text` (a TextEncoders) builds it."""
     if not captions:
         raise ValueError("the caption corpus is empty")
-    device = text_encoder.device
-    dim = text_encoder.config.hidden_size
+    device = text.device
+    dim = text.dim
     acc = torch.zeros(dim, dim, dtype=torch.float64, device=device if device.type != "mps" else "cpu")
     count = 0
     for start in range(0, len(captions), batch_size):
         chunk = captions[start : start + batch_size]
-        ids = tokenizer(chunk, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
-        e = text_encoder(ids)[0].reshape(-1, dim).to(acc.device, torch.float64)
+        e = text.encode(text.tokenize(chunk, device)).reshape(-1, dim).to(acc.device, torch.float64)
         acc += e.T @ e
         count += e.shape[0]
         if progress:

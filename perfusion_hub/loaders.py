@@ -1,4 +1,4 @@
-"""Load Perfusion concepts into a diffusers StableDiffusionPipeline, in the style of
+"""Load Perfusion concepts into a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline, in the style of
 `load_textual_inversion` / `load_lora_weights` + `set_adapters`.
 
     load_concepts(pipe, files, covariance=...)   add tokens + embeddings, install attn2 processors
@@ -6,8 +6,10 @@
     unload_concepts(pipe, names=None)            remove tokens and edits; with none left, the stock
                                                  processors are back and the pipeline is as before
 
-Every concept is checked against the pipeline's base (digest, dimensions, layers) and against the
-covariance (same caption corpus) before anything in the pipeline changes.
+Every concept is checked against the pipeline's base (family, digest, dimensions, layers) and against the
+covariance (same caption corpus) before anything in the pipeline changes. The concept token goes into every
+tokenizer of the pipeline (both for SDXL), with the concept's embedding for each text encoder; on SDXL the
+pooled embedding follows the superclass-pooled policy (perfusion_hub.text, SuperclassPooled).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from perfusion_hub.processor import (
     check_concepts_composable,
     cross_attention_modules,
 )
+from perfusion_hub.text import SuperclassPooled, TextEncoders
 
 
 def runtime_of(pipe) -> PerfusionRuntime | None:
@@ -83,10 +86,14 @@ def load_concepts(
     cov = _as_covariance(covariance)
     digest = compute_digest(pipe)
     layers = {p: m.to_k.out_features for p, m in cross_attention_modules(pipe.unet).items()}
-    dim = pipe.text_encoder.config.hidden_size
+    text = TextEncoders.of(pipe)
     for c in items:
-        check_fits_base(c, base_name=base_name or "the pipeline's base", base_digest=digest, dim=dim,
-                        layers=layers, compatible=set(compatible_bases))
+        check_fits_base(c, base_name=base_name or "the pipeline's base", base_digest=digest, dim=text.dim,
+                        layers=layers, compatible=set(compatible_bases), family=text.family, text_dims=text.widths)
+    pooled_ids = {}
+    if text.pooled:  # the superclass must be one token of the pooled encoder's tokenizer, to stand in for the concept
+        for c in items:
+            pooled_ids[c.trigger] = text.word_ids(c.superclass)[-1]
     rt = runtime_of(pipe)
     if rt is not None and not rt.uses_covariance(cov.matrix, (cov.base_digest, cov.corpus_digest)):
         raise IncompatibleConcepts(
@@ -117,19 +124,22 @@ def load_concepts(
                               covariance_identity=(cov.base_digest, cov.corpus_digest))
         rt.corpus_digest = next(iter(corpora))
         rt.eos_id = pipe.tokenizer.eos_token_id
-        rt.embeddings = SavedEmbeddings(pipe.text_encoder)  # put back by the last unload
+        rt.embeddings = SavedEmbeddings(pipe)  # put back by the last unload
         pipe.unet._pfx_runtime = rt
         rt.hook = pipe.text_encoder.register_forward_hook(_observe(rt), with_kwargs=True)
+        if text.pooled:
+            pipe._pfx_pooled = SuperclassPooled(pipe.text_encoder_2, pipe.tokenizer_2)
     replaced = [c.name for c in items if c.name in rt.concepts]
     if replaced:
         unload_concepts(pipe, replaced, _keep_runtime=True)
-    vocab = pipe.tokenizer.get_vocab()
-    taken = [c.trigger for c in items if c.trigger in vocab]
+    taken = [c.trigger for c in items if text.in_vocab(c.trigger)]
     if taken:
         raise IncompatibleConcepts(f"token {taken[0]} is already in use by the tokenizer")
     if exact is not None:
         rt.set_exact(exact)
-    add_tokens(pipe, [c.trigger for c in items], [c.token_embedding for c in items])
+    add_tokens(pipe, [c.trigger for c in items], [c.embeddings() for c in items])
+    for token, sup in pooled_ids.items():
+        pipe._pfx_pooled.set(token, sup)
     for c, (target, superclass, values) in zip(items, _on_device(items, pipe.unet.device)):
         rt.add(ConceptState(
             name=c.name, token=c.trigger, token_id=pipe.tokenizer.convert_tokens_to_ids(c.trigger),
@@ -156,8 +166,8 @@ def _on_device(items: list[Concept], device) -> list[tuple[torch.Tensor, torch.T
 
 
 class SavedEmbeddings:
-    """A text encoder's token-embedding module, weight and config.vocab_size, to put back after tokens added
-    to it (add_tokens) are removed again (diffusers' unload_textual_inversion).
+    """Each text encoder's token-embedding module, weight and config.vocab_size, to put back after tokens added
+    to them (add_tokens) are removed again (remove_tokens: diffusers' unload_textual_inversion).
 
     Adding tokens resizes the module's weight and raises config.vocab_size (transformers); unloading them
     installs a new nn.Embedding (trainable, in training mode, viewing a storage that still holds the removed
@@ -167,33 +177,30 @@ class SavedEmbeddings:
     many rows: the same rows, since only the added tokens' rows were ever written, and unloading removed them.
     """
 
-    def __init__(self, te):
-        self.te, self.module = te, te.get_input_embeddings()
-        self.weight, self.vocab_size = self.module.weight.data, te.config.vocab_size
+    def __init__(self, pipe):
+        self.saved = [(te, te.get_input_embeddings(), te.get_input_embeddings().weight.data, te.config.vocab_size)
+                      for te in (e.text_encoder for e in TextEncoders.of(pipe).encoders)]
 
     def put_back(self) -> None:
-        if self.te.get_input_embeddings().weight.shape != self.weight.shape:  # not what unloading gives: keep it
-            return
-        self.module.weight.data = self.weight
-        self.module.num_embeddings = self.weight.shape[0]
-        self.te.set_input_embeddings(self.module)
-        self.te.config.vocab_size = self.vocab_size
+        for te, module, weight, vocab_size in self.saved:
+            if te.get_input_embeddings().weight.shape != weight.shape:  # not what unloading gives: keep it
+                continue
+            module.weight.data = weight
+            module.num_embeddings = weight.shape[0]
+            te.set_input_embeddings(module)
+            te.config.vocab_size = vocab_size
 
 
-def add_tokens(pipe, tokens: list[str], embeddings: list[torch.Tensor]) -> list[int]:
-    """Add plain tokens (what `unload_textual_inversion` removes) and write their embedding rows.
+def add_tokens(pipe, tokens: list[str], embeddings: list) -> list[int]:
+    """Add plain tokens to every tokenizer of the pipeline (what `unload_concepts` removes) and write their
+    embedding rows; embeddings[i] is token i's vector, or its list of vectors, one per text encoder (SDXL).
+    Returns the ids in the first tokenizer (TextEncoders.add_tokens)."""
+    return TextEncoders.of(pipe).add_tokens(tokens, embeddings)[0]
 
-    One resize for all tokens, and no mean-resizing: the rows are overwritten at once, so sampling them
-    from the old embeddings' distribution (transformers' default, slow on a 49k-token vocabulary) is waste.
-    """
-    tok, te = pipe.tokenizer, pipe.text_encoder
-    tok.add_tokens(tokens)
-    te.resize_token_embeddings(len(tok), mean_resizing=False)
-    ids = tok.convert_tokens_to_ids(tokens)
-    weight = te.get_input_embeddings().weight
-    with torch.no_grad():
-        weight[ids] = torch.stack([e.detach() for e in embeddings]).to(weight.device, weight.dtype)
-    return ids
+
+def remove_tokens(pipe, tokens: list[str]) -> None:
+    """Remove tokens (and their embedding rows) from every tokenizer / text encoder of the pipeline."""
+    TextEncoders.of(pipe).remove_tokens(pipe, tokens)
 
 
 def _observe(rt: PerfusionRuntime):
@@ -213,9 +220,14 @@ def suspend(pipe):
         return lambda: None
     rt.uninstall()
     rt.hook.remove()
+    pooled = getattr(pipe, "_pfx_pooled", None)
+    if pooled is not None:
+        pooled.remove()
 
     def restore():
         rt.hook = pipe.text_encoder.register_forward_hook(_observe(rt), with_kwargs=True)
+        if pooled is not None:
+            pooled.attach()
         rt.refresh_token_ids(pipe.tokenizer)
         rt.install()
 
@@ -238,11 +250,17 @@ def unload_concepts(pipe, names: Iterable[str] | None = None, *, _keep_runtime: 
     tokens = [rt.concepts[n].token for n in names if n in rt.concepts]
     for n in names:
         rt.remove(n)
+    pooled = getattr(pipe, "_pfx_pooled", None)
     if tokens:
-        pipe.unload_textual_inversion(tokens)
+        remove_tokens(pipe, tokens)
         rt.refresh_token_ids(pipe.tokenizer)
+        if pooled is not None:
+            pooled.drop(tokens)
     if not rt.concepts and not _keep_runtime:
         rt.uninstall()
         rt.hook.remove()
         rt.embeddings.put_back()
         del pipe.unet._pfx_runtime
+        if pooled is not None:
+            pooled.remove()
+            del pipe._pfx_pooled

@@ -2,7 +2,8 @@
 
 A prompt that references no concept runs the plain pipeline (the processors hand every call to the
 stock ones), so its images are bit-identical to the base's for the same seed. Concepts stay loaded
-between calls, so a beta sweep or a batch of prompts pays the load once.
+between calls, so a beta sweep or a batch of prompts pays the load once. SDXL pipelines render the same way; a
+prompt with concepts gets the pooled embedding of its superclass-substituted text (perfusion_hub.text).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from perfusion_hub.errors import BadInput
 from perfusion_hub.infotext import format_infotext
 from perfusion_hub.loaders import load_concepts, runtime_of
 from perfusion_hub.prompts import parse_prompt
+from perfusion_hub.text import prompt_embeds
 
 
 @dataclass
@@ -108,16 +110,17 @@ def render(
     try:
         if parsed.concepts and global_lock:
             cfg = guidance > 1
-            pos, neg = pipe.encode_prompt(parsed.text, pipe.device, 1, cfg, negative_prompt)
-            pos_sup, neg_sup = pipe.encode_prompt(parsed.superclass_text, pipe.device, 1, cfg, negative_prompt)
-            keys = pos_sup.expand(count, -1, -1)
-            rt.set_global_lock(torch.cat([neg_sup.expand(count, -1, -1), keys]) if cfg else keys)
-            out = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, **common)
+            embeds = prompt_embeds(pipe, parsed.text, 1, cfg, negative_prompt)
+            sup = prompt_embeds(pipe, parsed.superclass_text, 1, cfg, negative_prompt)
+            keys = sup["prompt_embeds"].expand(count, -1, -1)
+            rt.set_global_lock(torch.cat([sup["negative_prompt_embeds"].expand(count, -1, -1), keys]) if cfg else keys)
+            out = pipe(**embeds, **common)
         elif fast is not None:
             cfg = guidance > 1
-            pos, neg = pipe.encode_prompt(parsed.text, pipe.device, count, cfg, negative_prompt)
+            embeds = prompt_embeds(pipe, parsed.text, count, cfg, negative_prompt)
+            pos, neg = embeds["prompt_embeds"], embeds["negative_prompt_embeds"]
             fast.prepare(torch.cat([neg, pos]) if cfg else pos, parsed.concepts)
-            out = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, **dict(common, num_images_per_prompt=1))
+            out = pipe(**embeds, **dict(common, num_images_per_prompt=1))
         else:
             out = pipe(prompt=parsed.text, negative_prompt=negative_prompt, **common)
     finally:

@@ -17,9 +17,23 @@ Precision: in fp16 the loss is scaled dynamically (`_LossScale`) so that the sma
 through the fp16 UNet do not underflow; fp32 and bf16 runs are not scaled (bf16 has fp32's range).
 
 Target: what the base's UNet was trained to predict, read from its scheduler's `prediction_type`: "epsilon"
-(the noise; SD1.x, the toy base) or "v_prediction" (the velocity sqrt(a) noise - sqrt(1 - a) x0; SD2.x 768).
+(the noise; SD1.x, SDXL, the toy base) or "v_prediction" (the velocity sqrt(a) noise - sqrt(1 - a) x0; SD2.x 768).
 Training a v-prediction UNet towards the noise would teach the concept to produce wrong images, so any other
 type ("sample", ...) is refused before training starts.
+
+Families (perfusion_hub.text): the concept token gets one trainable input-embedding row per text encoder (SDXL:
+`token_embedding` [768] and `token_embedding_2` [1280]), initialised from the superclass word's rows; the text
+encodings, i_super and i* are the UNet's context (SDXL: the concatenated 2048-d penultimate states). SDXL's UNet
+also takes `added_cond_kwargs`: the pooled embedding of the template with the SUPERCLASS word in place of the
+concept token (the pooled policy of perfusion_hub.text; so no gradient reaches the embeddings through it), and the
+time ids (H, W, 0, 0, H, W) at the base resolution, as the pipeline computes them by default.
+
+Memory: the UNet is frozen but its backward still needs activations. `TrainConfig.gradient_checkpointing` None
+(auto) starts without checkpointing and, on an out-of-memory error in a step (torch.OutOfMemoryError: CUDA, MPS), enables it
+(`unet.enable_gradient_checkpointing()`: activations recomputed in the backward, ~1/3 more UNet compute) and
+retries the step; a second one halves the micro-batch (down to 1). Nothing of the step had been applied, and the
+noise and sampling plan do not depend on the micro-batch split, so a retried step computes what it would have
+(up to summation order). True / False force it on / off.
 """
 
 from __future__ import annotations
@@ -33,12 +47,21 @@ from pathlib import Path
 
 import torch
 
-from perfusion_hub.concept import FORMAT, FORMAT_VERSION, Concept, atomic_write_bytes, save_concept
+from perfusion_hub.concept import (
+    FORMAT,
+    Concept,
+    atomic_write_bytes,
+    embedding_key,
+    family_metadata,
+    format_version_for,
+    save_concept,
+)
 from perfusion_hub.covariance import Covariance
 from perfusion_hub.errors import BadInput
-from perfusion_hub.loaders import SavedEmbeddings, add_tokens, suspend, unload_concepts
+from perfusion_hub.loaders import SavedEmbeddings, add_tokens, remove_tokens, suspend, unload_concepts
 from perfusion_hub.photos import load_photos
 from perfusion_hub.processor import ConceptState, PerfusionRuntime
+from perfusion_hub.text import TextEncoders, time_ids
 
 TEMPLATES = (
     "a photo of a {}",
@@ -75,6 +98,14 @@ class TrainConfig:
     previews: int = 2
     preview_steps: int = 25
     templates: tuple[str, ...] | None = None  # None: the base's own (pfx.json "templates"), else TEMPLATES
+    gradient_checkpointing: bool | None = None  # None: auto (on after a CUDA out-of-memory error; module docstring)
+    save_dtype: str | None = None  # concept file dtype; None: fp16 for SDXL (the <=180 KB file), else fp32
+
+
+def concept_dtype(family: str, requested: str | None = None) -> str:
+    """The dtype a concept file is written in: fp16 for SDXL (89,344 floats: ~175 KB instead of ~350 KB), fp32 for
+    the single-encoder families (SD1.5: ~59 KB, SD2.x: ~62 KB)."""
+    return requested or ("fp16" if family == "sdxl" else "fp32")
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -233,8 +264,11 @@ class TrainingData:
     plan: dict[str, torch.Tensor]  # "image", "template", "timestep": [steps, batch], on the device
     super_id: int
     i_super: torch.Tensor  # [D] fp32
-    emb_init: torch.Tensor  # [D] fp32: the superclass word's input embedding, where the concept token starts
+    emb_init: torch.Tensor  # [D1] fp32: the superclass word's input embedding (first encoder): the token's start
     prediction: str  # "epsilon" or "v_prediction"
+    emb_inits: list[torch.Tensor] = field(default_factory=list)  # the same for every text encoder (SDXL: 2)
+    pooled: torch.Tensor | None = None  # [templates, P]: pooled embedding of each superclass template (SDXL)
+    time_ids: torch.Tensor | None = None  # [1, 6] (SDXL)
 
 
 def prepare_training(base, photos_dir: str | Path, superclass: str, cfg: TrainConfig, warn: Callable[[str], None]
@@ -244,26 +278,36 @@ def prepare_training(base, photos_dir: str | Path, superclass: str, cfg: TrainCo
     i_super is the superclass word's contextual encoding averaged over the first step's prompts
     (spec/perfusion.md section 3); `cfg.templates` must be set."""
     pipe = base.pipe
-    tok, te, sched = pipe.tokenizer, pipe.text_encoder, pipe.scheduler
+    sched = pipe.scheduler
+    text = TextEncoders.of(pipe)
     device = torch.device(base.device)
-    super_id = check_superclass(tok, superclass)
+    super_ids = text.word_ids(superclass)
+    super_id = super_ids[0]
     prediction = sched.config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES or (prediction == "v_prediction" and not hasattr(sched, "get_velocity")):
         raise BadInput(f"this base's scheduler says its UNet predicts {prediction!r}; training supports bases that "
                        f"predict {' or '.join(PREDICTION_TYPES)} (if the scheduler config is wrong, set its "
                        "prediction_type to what the UNet was trained for)")
     photos = load_photos(photos_dir, base.resolution, warn=warn)
-    for m in (pipe.unet, pipe.vae, te):
+    for m in (pipe.unet, pipe.vae, *(e.text_encoder for e in text.encoders)):
         m.requires_grad_(False)
         m.eval()
     mean, std, masks = encode_latents(pipe.vae, photos, cfg.flip, device, base.dtype)
     plan = sampling_plan(cfg, mean.shape[0], sched.config.num_train_timesteps)
     with torch.no_grad():
-        sup_ids = tokenize(tok, [cfg.templates[i].format(superclass) for i in plan["template"][0].tolist()], device)
-        i_super = te(sup_ids)[0].float()[sup_ids == super_id].mean(0)
-    emb_init = te.get_input_embeddings().weight[super_id].detach().float().clone()
+        sup_ids = text.tokenize([cfg.templates[i].format(superclass) for i in plan["template"][0].tolist()], device)
+        at = [ids == sid for ids, sid in zip(sup_ids, super_ids)]
+        if any(not torch.equal(a, at[0]) for a in at[1:]):
+            raise BadInput("this base's tokenizers split the training prompts differently, so the concept token "
+                           "would not stand at one position in both encodings; use templates of plain words")
+        i_super = text.encode(sup_ids).float()[at[0]].mean(0)
+        pooled = None
+        if text.pooled:
+            pooled = text.pooled_of(text.tokenize([t.format(superclass) for t in cfg.templates], device)).to(base.dtype)
+    emb_inits = [e.weight[sid].detach().float().clone() for e, sid in zip(text.input_embeddings(), super_ids)]
     return TrainingData(photos, mean, std, masks, {k: v.to(device) for k, v in plan.items()}, super_id, i_super,
-                        emb_init, prediction)
+                        emb_inits[0], prediction, emb_inits, pooled,
+                        time_ids(base.resolution, 1, device, base.dtype) if pooled is not None else None)
 
 
 def denoising_loss(unet_fn, sched, data: TrainingData, step: int, sl: slice, ehs: torch.Tensor,
@@ -275,7 +319,12 @@ def denoising_loss(unet_fn, sched, data: TrainingData, step: int, sl: slice, ehs
     noisy = sched.add_noise(latents, noise, timesteps).to(dtype)
     if channels_last:
         noisy = noisy.contiguous(memory_format=torch.channels_last)
-    pred = unet_fn(noisy, timesteps, ehs.to(dtype)).sample.float()
+    if data.pooled is None:
+        pred = unet_fn(noisy, timesteps, ehs.to(dtype)).sample.float()
+    else:  # SDXL: the superclass template's pooled embedding and the default time ids
+        cond = {"text_embeds": data.pooled[data.plan["template"][step, sl]].to(dtype),
+                "time_ids": data.time_ids.expand(noisy.shape[0], -1).to(dtype)}
+        pred = unet_fn(noisy, timesteps, ehs.to(dtype), added_cond_kwargs=cond).sample.float()
     target = noise if data.prediction == "epsilon" else sched.get_velocity(latents, noise, timesteps)
     err = (pred - target) ** 2
     if data.masks is None:
@@ -324,7 +373,8 @@ def train_concept(
         cfg = replace(cfg, templates=tuple(getattr(pipe, "_pfx_templates", None) or TEMPLATES))
     if cfg.embedding_norm is None:
         cfg = replace(cfg, embedding_norm=float(getattr(pipe, "_pfx_embedding_norm", 0.0)))
-    tok, te, unet, sched = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.scheduler
+    tok, unet, sched = pipe.tokenizer, pipe.unet, pipe.scheduler
+    text = TextEncoders.of(pipe)
     device, dtype = torch.device(base.device), base.dtype
     warnings_seen: list[str] = []
 
@@ -336,44 +386,55 @@ def train_concept(
     if covariance.base_digest and covariance.base_digest != base.digest:
         raise BadInput("the covariance was computed for another base; recompute it for this one")
     trigger = f"<{name}>"
-    if trigger in tok.get_vocab():
+    if text.in_vocab(trigger):
         raise BadInput(f"token {trigger} is already in the tokenizer (a concept of that name is loaded)")
     data = prepare_training(base, photos_dir, superclass, cfg, _warn)
-    i_super, emb_init = data.i_super, data.emb_init
+    i_super = data.i_super
     micro = cfg.micro_batch or (16 if device.type == "cuda" or base.resolution <= 128 else 4)
     micro = max(1, min(micro, cfg.batch_size))
+    checkpointing = bool(cfg.gradient_checkpointing)
+    was_checkpointing = bool(getattr(unet, "is_gradient_checkpointing", False))
 
     # concepts loaded in this pipeline (a render keeps them) must not take part: the training runtime below
     # would find their processors installed and never see its own concept
     restore = suspend(pipe)
-    embeddings = SavedEmbeddings(te)
+    saved_embeddings = SavedEmbeddings(pipe)
     try:
-        add_tokens(pipe, [trigger], [emb_init])
+        add_tokens(pipe, [trigger], [data.emb_inits])
     except BaseException:
         restore()
         raise
-    rt = hook = None
+    rt = None
+    hooks: list[EmbeddingOverride] = []
     try:
-        token_id = tok.convert_tokens_to_ids(trigger)
-        template_ids = tokenize(tok, [t.format(trigger) for t in cfg.templates], device)
+        token_ids = text.token_ids(trigger)
+        token_id = token_ids[0]
+        all_template_ids = text.tokenize([t.format(trigger) for t in cfg.templates], device)
+        template_ids = all_template_ids[0]
         positions = (template_ids == token_id).float().argmax(1)  # where the concept token sits, per template
+        if any(not torch.equal((ids == tid).float().argmax(1), positions)
+               for ids, tid in zip(all_template_ids[1:], token_ids[1:])):
+            raise BadInput("this base's tokenizers place the concept token at different positions of the training "
+                           "prompts; use templates of plain words")
         rows = torch.arange(len(cfg.templates), device=device)
 
         rt = PerfusionRuntime(unet, covariance.matrix, gate_positions=getattr(pipe, "_pfx_gate_positions", "all"))
         rt.eos_id = tok.eos_token_id
         pos_buffers: dict[int, tuple] = {}  # one per micro-batch size: a compiled UNet sees the same tensors
         values = {p: torch.nn.Parameter(a.to_v.weight.detach().float() @ i_super) for p, a in rt.layers.items()}
-        embedding = torch.nn.Parameter(emb_init.to(device))
+        embeddings = [torch.nn.Parameter(e.to(device)) for e in data.emb_inits]  # one per text encoder
+        embedding = embeddings[0]
         state = ConceptState(name, trigger, token_id, i_super.clone(), i_super.clone(), values, cfg.train_beta,
                              cfg.train_tau)
-        groups = [{"params": [embedding], "lr": cfg.lr_embedding},
+        groups = [{"params": embeddings, "lr": cfg.lr_embedding},
                   {"params": list(values.values()), "lr": cfg.lr_values}]
         rt.add(state)
         rt.training = True
         rt.install()
         rt.activate([name])
         masks_all = rt.masks_from_ids(template_ids, [name])  # per template: edited positions, gate positions
-        hook = EmbeddingOverride(te.get_input_embeddings(), token_id, embedding)
+        hooks = [EmbeddingOverride(module, tid, vec)
+                 for module, tid, vec in zip(text.input_embeddings(), token_ids, embeddings)]
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
         gen = torch.Generator(device).manual_seed(cfg.seed)  # noise, drawn where it is used
         scaler = _LossScale(enabled=dtype == torch.float16)
@@ -381,7 +442,9 @@ def train_concept(
         ckpt_meta = _checkpoint_meta(name, superclass, data.photos, cfg, base.digest)
         ckpt = Path(checkpoint_path) if checkpoint_path else None
         if resume and ckpt and ckpt.exists():
-            step, losses = _load_checkpoint(ckpt, ckpt_meta, values, embedding, state, opt, gen, scaler)
+            step, losses = _load_checkpoint(ckpt, ckpt_meta, values, embeddings, state, opt, gen, scaler)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
         unet_fn = unet
         channels_last = fast and device.type == "cuda"
         if fast:
@@ -404,43 +467,63 @@ def train_concept(
             raise BadInput(f"batch size {cfg.batch_size} does not split evenly over {world} devices")
         share = cfg.batch_size // world  # this process's samples of every step: [rank*share, (rank+1)*share)
         params = [p for g in groups for p in g["params"]]
-        cap = cfg.embedding_norm * float(emb_init.norm())
+        caps = [cfg.embedding_norm * float(e.norm()) for e in data.emb_inits]
         lat_shape = (cfg.batch_size, *data.mean.shape[1:])
+        auto_memory = cfg.gradient_checkpointing is None  # (only CUDA and MPS raise OutOfMemoryError)
         while step < cfg.steps:
-            opt.zero_grad(set_to_none=True)
-            concept_enc = torch.zeros(te.config.hidden_size, dtype=torch.float32, device=device)
-            step_loss = torch.zeros((), device=device)
             # the whole batch's noise on every process (same generator), so N processes = one process
             noise_all = torch.randn(lat_shape, generator=gen, device=device)
             eps_all = torch.randn(lat_shape, generator=gen, device=device)
-            for start in range(rank * share, (rank + 1) * share, micro):
-                sl = slice(start, min(start + micro, (rank + 1) * share))
-                b = sl.stop - sl.start
-                tpl = data.plan["template"][step, sl]
-                enc_all = te(template_ids)[0]  # every template once: static shapes, no host round trip
-                with torch.no_grad():
-                    at_token = enc_all.detach().float()[rows, positions]  # [templates, D]
-                    concept_enc += at_token[tpl].sum(0)
-                rt.freeze_terms([name], device)
-                if rt.gate_positions != "all":
-                    if b not in pos_buffers:
-                        pos_buffers[b] = tuple(None if m is None else m.new_empty((b, *m.shape[1:]))
-                                               for m in masks_all)
-                    for buf, m in zip(pos_buffers[b], masks_all):
-                        if m is not None:
-                            buf.copy_(m[tpl])
-                    rt.position_masks = pos_buffers[b]
-                loss = denoising_loss(unet_fn, sched, data, step, sl, enc_all[tpl], noise_all[sl], eps_all[sl],
-                                      dtype, channels_last)
-                scaler(loss * (b / cfg.batch_size)).backward()
-                step_loss += loss.detach() * (b / cfg.batch_size)
-            if world > 1:  # still scaled: every process then sees the same inf/NaN and skips the same steps
+            while True:  # one step; retried with less memory after a CUDA out-of-memory error (auto mode)
+                opt.zero_grad(set_to_none=True)
+                concept_enc = torch.zeros(text.dim, dtype=torch.float32, device=device)
+                step_loss = torch.zeros((), device=device)
+                try:
+                    for start in range(rank * share, (rank + 1) * share, micro):
+                        sl = slice(start, min(start + micro, (rank + 1) * share))
+                        b = sl.stop - sl.start
+                        tpl = data.plan["template"][step, sl]
+                        enc_all = text.encode(all_template_ids)  # every template once: static shapes, no host sync
+                        with torch.no_grad():
+                            at_token = enc_all.detach().float()[rows, positions]  # [templates, D]
+                            concept_enc += at_token[tpl].sum(0)
+                        rt.freeze_terms([name], device)
+                        if rt.gate_positions != "all":
+                            if b not in pos_buffers:
+                                pos_buffers[b] = tuple(None if m is None else m.new_empty((b, *m.shape[1:]))
+                                                       for m in masks_all)
+                            for buf, m in zip(pos_buffers[b], masks_all):
+                                if m is not None:
+                                    buf.copy_(m[tpl])
+                            rt.position_masks = pos_buffers[b]
+                        loss = denoising_loss(unet_fn, sched, data, step, sl, enc_all[tpl], noise_all[sl],
+                                              eps_all[sl], dtype, channels_last)
+                        scaler(loss * (b / cfg.batch_size)).backward()
+                        step_loss += loss.detach() * (b / cfg.batch_size)
+                    break
+                except torch.OutOfMemoryError:
+                    if not auto_memory or (checkpointing and micro == 1):
+                        raise
+                # here, outside the except block, the failed attempt's tensors (held by its traceback) are released
+                loss = enc_all = None
+                opt.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if not checkpointing:
+                    checkpointing = True
+                    unet.enable_gradient_checkpointing()
+                    _warn(f"out of memory at micro-batch {micro}: training with gradient checkpointing")
+                else:
+                    micro = max(1, micro // 2)
+                    _warn(f"out of memory with gradient checkpointing: micro-batch {micro}")
+            if world > 1:  # scaled gradients: every process then sees the same inf/NaN and skips the same steps
                 _all_reduce_sum([p.grad for p in params] + [concept_enc, step_loss])
             if scaler.unscale([p.grad for p in params]):  # fp16 overflow: this step changes nothing
                 opt.step()
                 with torch.no_grad():
-                    if cap:
-                        embedding.mul_((cap / embedding.norm()).clamp(max=1.0))
+                    for e, cap in zip(embeddings, caps):
+                        if cap:
+                            e.mul_((cap / e.norm()).clamp(max=1.0))
                     state.target_input = (cfg.ema * state.target_input
                                           + (1 - cfg.ema) * concept_enc / cfg.batch_size)
             rt.touch()
@@ -450,28 +533,35 @@ def train_concept(
                 flush()
             if ckpt and (step % cfg.checkpoint_every == 0) and step < cfg.steps and rank == 0:
                 flush()
-                _save_checkpoint(ckpt, ckpt_meta, step, losses, values, embedding, state, opt, gen, scaler)
+                _save_checkpoint(ckpt, ckpt_meta, step, losses, values, embeddings, state, opt, gen, scaler)
     finally:
-        if hook is not None:
-            hook.remove()
+        for h in hooks:
+            h.remove()
         if rt is not None:
             rt.uninstall()
-        pipe.unload_textual_inversion(trigger)
-        embeddings.put_back()
+        if checkpointing and not was_checkpointing:
+            unet.disable_gradient_checkpointing()
+        remove_tokens(pipe, [trigger])
+        saved_embeddings.put_back()
         restore()
 
+    meta = concept_metadata(name, version, superclass, trigger, base, covariance, cfg, data.photos, license,
+                            description, step, losses)
+    if checkpointing:
+        meta["training"] = json.dumps(dict(json.loads(meta["training"]), gradient_checkpointing=True,
+                                           micro_batch=micro), sort_keys=True)
     concept = Concept(
-        metadata=concept_metadata(name, version, superclass, trigger, base, covariance, cfg, data.photos, license,
-                                   description, step, losses),
+        metadata=meta,
         token_embedding=embedding.detach().float().cpu(),
         target_input=state.target_input.detach().float().cpu(),
         superclass_input=i_super.float().cpu(),
         value_targets={p: v.detach().float().cpu() for p, v in values.items()},
+        extra_embeddings={embedding_key(k): e.detach().float().cpu() for k, e in enumerate(embeddings) if k},
     )
     out = Path(out_path)
     if _world()[1] != 0:  # data-parallel: every process holds the same concept; the first one writes
         return TrainResult(concept, out, [], losses, time.perf_counter() - t0, warnings_seen)
-    save_concept(concept, out)
+    save_concept(concept, out, dtype=concept_dtype(text.family, cfg.save_dtype))
     if ckpt and ckpt.exists():
         ckpt.unlink()
     previews = []
@@ -541,8 +631,12 @@ def concept_metadata(name, version, superclass, trigger, base, cov, cfg, photos,
         "image_digests": [p.digest for p in photos], "masks": sum(p.mask is not None for p in photos),
         "final_loss": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 6), "resolution": base.resolution,
     }
+    text = TextEncoders.of(base.pipe)
+    if text.pooled:
+        training["pooled"] = "superclass"  # the pooled policy (perfusion_hub.text)
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "name": name, "version": version,
+        **family_metadata(text.family, text.widths),
+        "format": FORMAT, "format_version": format_version_for(text.family), "name": name, "version": version,
         "superclass": superclass, "trigger": trigger, "base_name": base.name, "base_digest": base.digest,
         "covariance_digest": cov.digest, "corpus_digest": cov.corpus_digest,
         "beta": repr(cfg.beta), "tau": repr(cfg.tau), "key_lock": "local", "training": json.dumps(training, sort_keys=True),
@@ -551,14 +645,19 @@ def concept_metadata(name, version, superclass, trigger, base, cov, cfg, photos,
     }
 
 
-def _save_checkpoint(path: Path, meta, step, losses, values, embedding, state, opt, gen, scaler: _LossScale):
+def _embedding_name(k: int) -> str:
+    return "embedding" if k == 0 else f"embedding_{k + 1}"
+
+
+def _save_checkpoint(path: Path, meta, step, losses, values, embeddings, state, opt, gen, scaler: _LossScale):
     from safetensors.torch import save
 
     tensors = {f"value.{p}": v.detach().cpu() for p, v in values.items()}
-    tensors["embedding"] = embedding.detach().cpu()
+    for k, e in enumerate(embeddings):
+        tensors[_embedding_name(k)] = e.detach().cpu()
     tensors["target_input"] = state.target_input.detach().cpu()
     tensors["generator"] = gen.get_state()
-    params = list(values.values()) + [embedding]
+    params = list(values.values()) + list(embeddings)
     for i, p in enumerate(params):
         st = opt.state.get(p, {})
         for k in ("exp_avg", "exp_avg_sq"):
@@ -572,7 +671,7 @@ def _save_checkpoint(path: Path, meta, step, losses, values, embedding, state, o
     atomic_write_bytes(path, save(tensors, metadata={"pfx_checkpoint": json.dumps(body)}))
 
 
-def _load_checkpoint(path: Path, meta, values, embedding, state, opt, gen, scaler: _LossScale):
+def _load_checkpoint(path: Path, meta, values, embeddings, state, opt, gen, scaler: _LossScale):
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -584,11 +683,12 @@ def _load_checkpoint(path: Path, meta, values, embedding, state, opt, gen, scale
     with torch.no_grad():
         for p, v in values.items():
             v.copy_(tensors[f"value.{p}"])
-        embedding.copy_(tensors["embedding"])
-    state.target_input = tensors["target_input"].float().to(embedding.device)
+        for k, e in enumerate(embeddings):
+            e.copy_(tensors[_embedding_name(k)])
+    state.target_input = tensors["target_input"].float().to(embeddings[0].device)
     gen.set_state(tensors["generator"])
     scaler.load(body.get("loss_scale"))
-    params = list(values.values()) + [embedding]
+    params = list(values.values()) + list(embeddings)
     for i, p in enumerate(params):
         if f"opt.{i}.exp_avg" in tensors:
             opt.state[p] = {

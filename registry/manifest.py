@@ -24,6 +24,8 @@ from registry.versions import parse_version
 SCHEMA = "pfx.manifest/1"
 MAX_MANIFEST_BYTES = 64 * 1024
 CONCEPT_MEDIA_TYPE = "application/vnd.pfx.concept.v1+safetensors"
+CONCEPT_MEDIA_TYPE_V2 = "application/vnd.pfx.concept.v2+safetensors"
+FAMILIES = frozenset({"sd1", "sd2", "sdxl"})  # perfusion_hub.concept.FAMILIES (the registry never imports torch)
 COVARIANCE_MEDIA_TYPE = "application/vnd.pfx.covariance.v1+safetensors"
 PREVIEW_MEDIA_TYPES = frozenset({"image/png", "image/jpeg", "image/webp"})
 MAX_PREVIEWS = 16
@@ -71,6 +73,8 @@ class Manifest:
     companions = property(lambda self: self.raw["companions"])
     base_digest = property(lambda self: self.raw["base"]["digest"])
     base_name = property(lambda self: self.raw["base"]["name"])
+    # the base family a concept needs: recorded for format v2 concepts (SD2.x, SDXL); v1 concepts are SD1.x
+    family = property(lambda self: self.raw["base"].get("family", "sd1"))
     trigger = property(lambda self: self.raw["trigger"])
     superclass = property(lambda self: self.raw["superclass"])
     beta = property(lambda self: self.raw["beta"])
@@ -148,6 +152,10 @@ def build_manifest(
         training = json.loads(meta["training"])
     except (KeyError, json.JSONDecodeError, RecursionError):
         raise IntegrityError(f"{meta.get('name')}@{meta.get('version')}: training metadata is not JSON") from None
+    base = {"name": meta["base_name"], "digest": meta["base_digest"]}
+    v2 = meta.get("format_version") == "2"
+    if v2:  # v1 manifests stay byte-identical (and so keep their digests)
+        base["family"] = meta["family"]
     companions = []
     if covariance is not None:
         for k in ("base_digest", "corpus_digest"):
@@ -168,10 +176,11 @@ def build_manifest(
         "schema": SCHEMA,
         "name": meta["name"],
         "version": meta["version"],
-        "concept": {"digest": concept_digest, "size": int(concept_size), "media_type": CONCEPT_MEDIA_TYPE},
+        "concept": {"digest": concept_digest, "size": int(concept_size),
+                    "media_type": CONCEPT_MEDIA_TYPE_V2 if v2 else CONCEPT_MEDIA_TYPE},
         "previews": [{"digest": d, "size": int(s), "media_type": m} for d, s, m in previews],
         "companions": companions,
-        "base": {"name": meta["base_name"], "digest": meta["base_digest"]},
+        "base": base,
         "covariance_digest": meta["covariance_digest"],
         "corpus_digest": meta["corpus_digest"],
         "trigger": meta["trigger"],
@@ -307,8 +316,10 @@ def _check(raw: Any, where: str) -> None:
         kinds.add(comp["kind"])
         if comp["base_digest"] != raw["base"].get("digest"):
             c.fail(f"companions[{i}] belongs to another base")
-    c.obj(raw["base"], "base", {"name": str, "digest": str})
+    c.obj(raw["base"], "base", {"name": str, "digest": str}, {"family": str})
     c.digest(raw["base"]["digest"], "base.digest")
+    if raw["base"].get("family", "sd1") not in FAMILIES:
+        c.fail(f"base.family must be one of {', '.join(sorted(FAMILIES))}")
     for k in ("beta", "tau"):
         if isinstance(raw[k], bool) or not math.isfinite(raw[k]):
             c.fail(f"{k} is not a finite number")

@@ -23,6 +23,7 @@ from perfusion_hub.loaders import (
     SavedEmbeddings,
     add_tokens,
     load_concepts,
+    remove_tokens,
     runtime_of,
     suspend,
     unload_concepts,
@@ -102,7 +103,7 @@ def train_method(method: str, base, photos_dir, *, name: str, superclass: str, c
     trigger = f"<{name}>"
     layers = cross_attention_modules(pipe.unet)
     restore = suspend(pipe)
-    embeddings = SavedEmbeddings(te)
+    embeddings = SavedEmbeddings(pipe)
     add_tokens(pipe, [trigger], [data.emb_init])
     rt = hook = None
     kv_saved: dict[str, torch.Tensor] = {}
@@ -182,7 +183,7 @@ def train_method(method: str, base, photos_dir, *, name: str, superclass: str, c
             for a in layers.values():
                 a.to_k.weight.requires_grad_(False)
                 a.to_v.weight.requires_grad_(False)
-        pipe.unload_textual_inversion(trigger)
+        remove_tokens(pipe, [trigger])
         embeddings.put_back()
         restore()
     if method == "trained_keys":
@@ -225,7 +226,7 @@ class Loaded:
                 rt.trained_keys[c.name] = {k.rsplit(".", 1)[0]: v for k, v in self.result.learned.items()}
                 rt.touch()
             return self
-        self.embeddings = SavedEmbeddings(pipe.text_encoder)
+        self.embeddings = SavedEmbeddings(pipe)
         add_tokens(pipe, [c.trigger], [c.token_embedding])
         if m == "full_kv":
             self.saved = swap_kv_weights(cross_attention_modules(pipe.unet), self.result.learned)
@@ -238,5 +239,5 @@ class Loaded:
             return
         if m == "full_kv":
             swap_kv_weights(cross_attention_modules(pipe.unet), self.saved)
-        pipe.unload_textual_inversion(c.trigger)
+        remove_tokens(pipe, [c.trigger])
         self.embeddings.put_back()
