@@ -226,6 +226,14 @@ def prepare(rt, request: RenderRequest) -> Prepared:
     return Prepared(request, parsed, gates)
 
 
+def check_request(base, request: RenderRequest) -> list[str]:
+    """Raise what render_batch would refuse for this request (BadInput), against the concepts loaded in `base`
+    now, without rendering; returns the concepts it uses. Lets a caller name the bad entry before a batch runs."""
+    from perfusion_hub.loaders import runtime_of
+
+    return prepare(runtime_of(base.pipe), request).parsed.concepts
+
+
 def initial_latents(pipe, count: int, seed: int, size: int, dtype) -> torch.Tensor:
     """The noise render() starts from for `count` images of `seed`: one CPU generator seeded with the seed,
     drawn with the pipeline's own latent shape and randn_tensor (as StableDiffusionPipeline.prepare_latents
