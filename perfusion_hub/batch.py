@@ -18,7 +18,8 @@ with no concept on any row the stock attention processors run, as in a plain pip
 render_batch renders RenderRequests (each its prompt, seed, count, concepts with their beta/tau, negative
 prompt) in one batched denoising loop, and is defined to give each request what `render()` gives it alone:
 
-- the same text encodings (each request's prompt and negative prompt are encoded on their own, as render does);
+- the same text encodings (each request's prompt and negative prompt are encoded on their own, as render does,
+  once per distinct text in a batch);
 - the same starting noise: each request's latents come from its own `torch.Generator("cpu")` seeded with its
   seed, drawn with the shape render draws ([count, C, h, w]), and are passed to the pipeline as `latents=`;
 - the same edit: a request's concept set applies to both of its rows (the negative prompt's and the prompt's),
@@ -278,19 +279,26 @@ def render_batch(
     preps = [prepare(rt, r) for r in requests]
     size = size or base.resolution
     cfg = guidance > 1
-    encoded: dict[tuple, tuple] = {}
+    encoded: dict[str, torch.Tensor] = {}
+
+    def encode(text: str, count: int) -> torch.Tensor:
+        """[count, L, D] encodings of `text`, as encode_prompt makes them (each distinct text, negative prompts
+        included, runs through the text encoder once per batch: the negative branch of encode_prompt encodes
+        its text exactly as the prompt branch does)."""
+        if text not in encoded:
+            encoded[text] = pipe.encode_prompt(text, pipe.device, 1, False)[0]
+        e = encoded[text]
+        return e.repeat(1, count, 1).view(count, e.shape[1], -1)
+
     pos_rows, neg_rows, latents, sets = [], [], [], []
     for p in preps:
-        key = (p.parsed.text, p.request.negative_prompt, p.request.count)
-        if key not in encoded:
-            encoded[key] = pipe.encode_prompt(p.parsed.text, pipe.device, p.request.count, cfg,
-                                              p.request.negative_prompt)
-        pos, neg = encoded[key]
+        n = p.request.count
+        pos = encode(p.parsed.text, n)
         pos_rows.append(pos)
         if cfg:
-            neg_rows.append(neg)
-        latents.append(initial_latents(pipe, p.request.count, p.request.seed, size, pos.dtype))
-        sets += [RowSet.of(p.gates)] * p.request.count
+            neg_rows.append(encode(p.request.negative_prompt or "", n))
+        latents.append(initial_latents(pipe, n, p.request.seed, size, pos.dtype))
+        sets += [RowSet.of(p.gates)] * n
     rows = (sets + sets) if cfg else sets  # the pipeline's CFG batch is [negatives..., positives...]
     call = {"prompt_embeds": torch.cat(pos_rows), "negative_prompt_embeds": torch.cat(neg_rows) if cfg else None,
             "latents": torch.cat(latents), "num_inference_steps": steps, "guidance_scale": guidance,
