@@ -221,6 +221,7 @@ def render(obj, prompt, with_names, base, seed, steps, guidance, beta, tau, glob
     With --batch FILE, render every line of FILE instead, e.g.
       {"prompt": "a photo of cat-mittens", "seed": 1, "output": "mittens.png"}
       {"prompt": "a cat on chair-eames", "concepts": {"chair-eames": {"beta": 0.6}}, "count": 2}
+
     Images with different concepts share each denoising batch; each comes out as `pfx render` would render its
     line alone (seed for seed). A line without "output" writes OUTPUT's stem-<line number>.png. Steps, guidance,
     base and the negative prompt (the default for lines without one) are the command's.

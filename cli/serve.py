@@ -78,7 +78,10 @@ class StaticSource:
     """Concept objects held in memory (benchmarks, tests): no registry, no files."""
 
     def __init__(self, concepts: list, covariance, previews: dict[str, tuple[bytes, str]] | None = None):
-        self.concepts = {c.name: c for c in concepts}
+        from perfusion_hub.concept import concept_bytes, load_concept
+
+        # through the file format once: each gets the digest by which the worker sees it is loaded already
+        self.concepts = {c.name: c if c.digest else load_concept(concept_bytes(c)) for c in concepts}
         self.covariance = covariance
         self.previews = dict(previews or {})
 
