@@ -226,14 +226,18 @@ class BatchWorker:
 
     def _load(self, jobs: list[Job]) -> list[Job]:
         """Load each job's concepts (a job whose concepts cannot be loaded fails alone) and check it against
-        them; the jobs that can be rendered."""
+        them; the jobs that can be rendered. A job that wants another file of a concept than an earlier job of
+        the batch (a new version installed meanwhile) waits for the next batch: one name, one file per batch."""
         from perfusion_hub.batch import check_request
         from perfusion_hub.errors import EngineError
         from perfusion_hub.loaders import loaded_concepts, unload_concepts
         from perfusion_hub.render import ensure_loaded
 
-        ok = []
+        ok, later, files = [], [], {}
         for j in jobs:
+            if any(files.get(c.name, c.digest) != c.digest for c in j.concepts):
+                later.append(j)
+                continue
             try:
                 try:
                     ensure_loaded(self.base, j.concepts, j.covariance)
@@ -246,10 +250,15 @@ class BatchWorker:
                     unload_concepts(self.base.pipe, idle)
                     ensure_loaded(self.base, j.concepts, j.covariance)
                 check_request(self.base, j.request)
+                files.update({c.name: c.digest for c in j.concepts})
                 ok.append(j)
             except (EngineError, KeyError, ValueError) as e:
                 self.stats["failed"] += 1
                 j.fail(ServeError(422, str(e).strip("'\"")))
+        if later:
+            with self._cv:
+                self._pending[:0] = later
+                self._cv.notify_all()
         return ok
 
     def _render(self, jobs: list[Job]) -> None:
