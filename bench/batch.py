@@ -114,30 +114,35 @@ def stage_batch(args, base, cov, concepts, res):
     texts = [r.prompt.replace(c.trigger, "cat") for r, c in zip(reqs, concepts)]
     latents = torch.cat([initial_latents(pipe, 1, r.seed, size, pipe.unet.dtype) for r in reqs])
 
+    cpu = pipe.device.type == "cpu"
+
+    def timed(fn):
+        sync()
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        sync()
+        return time.perf_counter() - t, time.process_time() - c
+
     def plain():
         unload_concepts(pipe)  # the stock pipeline, processors and all
-        sync()
-        t = time.perf_counter()
-        pipe(prompt=texts, latents=latents, num_inference_steps=args.steps, guidance_scale=args.guidance,
-             height=size, width=size)
-        sync()
-        return time.perf_counter() - t
+        return timed(lambda: pipe(prompt=texts, latents=latents, num_inference_steps=args.steps,
+                                  guidance_scale=args.guidance, height=size, width=size))
 
     def pfx():
         ensure_loaded(base, concepts[:n], cov)  # loading is not what is measured
-        sync()
-        t = time.perf_counter()
-        render_batch(base, reqs, steps=args.steps, guidance=args.guidance)
-        sync()
-        return time.perf_counter() - t
+        return timed(lambda: render_batch(base, reqs, steps=args.steps, guidance=args.guidance))
 
     log(f"stage batch: {n} images, {n} concepts, {args.steps} steps, {size}x{size}: warm-up")
     plain(), pfx()
     times = {"plain": [], "pfx": []}
-    for r in range(args.rounds):
-        times["plain"].append(plain())
-        times["pfx"].append(pfx())
-        log(f"  round {r}: plain {times['plain'][-1]:.3f} s, pfx {times['pfx'][-1]:.3f} s")
+    cpu_times = {"plain": [], "pfx": []}
+    for r in range(args.rounds):  # the order alternates: the second run of a round is not always the same one
+        for k, fn in (("plain", plain), ("pfx", pfx)) if r % 2 == 0 else (("pfx", pfx), ("plain", plain)):
+            wall, c = fn()
+            times[k].append(wall)
+            cpu_times[k].append(c)
+        log(f"  round {r}: plain {times['plain'][-1]:.3f} s, pfx {times['pfx'][-1]:.3f} s"
+            + (f" (process CPU time {cpu_times['plain'][-1]:.3f} / {cpu_times['pfx'][-1]:.3f} s)" if cpu else ""))
     med = {k: statistics.median(v) for k, v in times.items()}
     res["batch"] = {
         "images": n, "concepts": n, "plain_s": [round(t, 4) for t in times["plain"]],
@@ -147,6 +152,11 @@ def stage_batch(args, base, cov, concepts, res):
         "ratio_paired_median": round(statistics.median(a / b for a, b in zip(times["plain"], times["pfx"])), 4),
         "goal": ">= 0.9",
     }
+    if cpu:  # on a shared CPU the process's own CPU time is steadier than wall time
+        cmed = {k: statistics.median(v) for k, v in cpu_times.items()}
+        res["batch"].update({"plain_cpu_s": [round(t, 4) for t in cpu_times["plain"]],
+                             "pfx_cpu_s": [round(t, 4) for t in cpu_times["pfx"]],
+                             "ratio_cpu_time": round(cmed["plain"] / cmed["pfx"], 4)})
     log("  ", json.dumps(res["batch"]))
     unload_concepts(pipe)
 
@@ -212,9 +222,13 @@ def stage_serve(args, base, cov, concepts, res):
             f"window {args.window_ms} ms: warm-up")
         run_clients([99])
         direct([98])
+        c0 = time.process_time()
         serve_s, sizes = run_clients(list(range(rounds)))
+        serve_cpu = time.process_time() - c0
         log(f"  serve: {serve_s:.3f} s, batch sizes seen by the requests: {sorted(set(sizes))}")
+        c0 = time.process_time()
         direct_s = direct(list(range(rounds)))
+        direct_cpu = time.process_time() - c0
         log(f"  direct: {direct_s:.3f} s")
         images = k * rounds
         res["serve"] = {
@@ -223,6 +237,8 @@ def stage_serve(args, base, cov, concepts, res):
             "serve_images_per_s": round(images / serve_s, 4), "direct_images_per_s": round(images / direct_s, 4),
             "ratio": round(direct_s / serve_s, 4), "goal": ">= 0.8",
             "batch_images_seen": {str(b): sizes.count(b) for b in sorted(set(sizes))},
+            **({"serve_cpu_s": round(serve_cpu, 3), "direct_cpu_s": round(direct_cpu, 3),
+                "ratio_cpu_time": round(direct_cpu / serve_cpu, 4)} if base.pipe.device.type == "cpu" else {}),
             "server_batches": service.worker.stats["batches"], "errors": errors[:5],
             "note": "serve: wall time from the first request sent to the last PNG received (HTTP, JSON, the "
                     "worker's batching and PNG encoding included); direct: render_batch to PIL images",
