@@ -129,6 +129,22 @@ def test_other_images_concepts_do_not_affect_an_image_bitwise(loaded):
     assert np.array_equal(_px(a[2].images[0]), _px(out[2]))
 
 
+def test_edited_kv_are_computed_once_per_batch_and_per_concept_set(loaded, monkeypatch):
+    """Rows with the same concepts and gates are edited together, once per batch (not per step)."""
+    import perfusion_hub.batch as batch_mod
+
+    calls = []
+    real = batch_mod.edited_projection
+    monkeypatch.setattr(batch_mod, "edited_projection", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
+    reqs = [RenderRequest("a photo of <c0>", seed=1), RenderRequest("<c0> on a chair", seed=2),
+            RenderRequest("a photo of <c1>", seed=3), RenderRequest("a photo of a dog", seed=4)]
+    got = render_batch(loaded, reqs, steps=3, output_type="latent")
+    layers = len(runtime_of(loaded.pipe).layers)
+    assert sorted(calls) == sorted([4] * 2 * layers + [2] * 2 * layers)  # c0: 2 images x 2 rows; c1: 1 x 2; K and V
+    for req, g in zip(reqs[:2], got[:2]):
+        assert float((g.images[0] - _alone(loaded, req, steps=3).images[0]).abs().max()) <= LATENT_TOL
+
+
 def test_no_concept_anywhere_runs_the_stock_processors(loaded, monkeypatch):
     base = loaded
     calls = []
