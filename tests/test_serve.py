@@ -311,3 +311,20 @@ def test_serve_command_listens_on_loopback_and_refuses_a_taken_port(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_registry_source_installs_missing_concepts_only_when_allowed(toy_base, tmp_path):
+    """--install: a request naming a concept that is not installed fetches it from the configured remotes (the
+    built-in sample registry here, a local folder); without it the request gets a 404 that says what to do."""
+    from cli.cmd_serve import RegistrySource
+    from cli.serve import ServeError
+
+    home = str(tmp_path / "home")
+    strict = RegistrySource(home, False, toy_base, install_missing=False)
+    with pytest.raises(ServeError) as e:
+        strict.resolve(["chair-eames"])
+    assert e.value.status == 404 and "not installed: chair-eames" in e.value.message and "--install" in e.value.message
+    eager = RegistrySource(home, False, toy_base, install_missing=True)
+    concepts, cov = eager.resolve(["chair-eames"])
+    assert [c.name for c in concepts] == ["chair-eames"] and cov is not None
+    assert strict.names() == {"chair-eames"} and strict.preview("chair-eames")[1] == "image/png"
