@@ -112,7 +112,7 @@ class Job:
     concepts: list
     covariance: object
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    future: asyncio.Future | None = None  # made on the event loop by the handler
     submitted: float = field(default_factory=time.monotonic)
     started: float = 0.0
     batch_size: int = 0
@@ -357,8 +357,7 @@ class RenderService:
         notes = [f"'{w}' is not an installed concept, so it stays plain text" for w in scan.unknown]
         concepts, cov = self.source.resolve(names) if names else ([], None)
         job = Job(spec.request(), spec.steps or lim.default_steps,
-                  lim.default_guidance if spec.guidance is None else spec.guidance, concepts, cov, loop,
-                  loop.create_future())
+                  lim.default_guidance if spec.guidance is None else spec.guidance, concepts, cov, loop)
         return job, response, notes
 
 
@@ -411,6 +410,8 @@ def create_app(service: RenderService):
         loop = asyncio.get_running_loop()
         body = await request.body()
         job, response, notes = await run_in_threadpool(service.job_for, body, loop)
+        job.future = loop.create_future()
+        job.submitted = time.monotonic()
         service.worker.submit(job)
         while True:  # wait for the job; a client that goes away drops its job if it has not started
             done, _ = await asyncio.wait({job.future}, timeout=0.25)
