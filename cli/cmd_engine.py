@@ -160,8 +160,44 @@ def _exact(name, version):
     return parse_ref(f"{name}@{version}")
 
 
+def _concept_names(obj, installed: set[str], prompt: str, with_names, install_missing: bool) -> list[str]:
+    """The concepts a prompt uses (installed names, <name> tokens, --with), noting name-shaped words that are not
+    installed concepts (and installing them first with --install when a remote has them)."""
+    from perfusion_hub.prompts import scan_prompt
+
+    scan = scan_prompt(prompt, installed | set(with_names))
+    for word in scan.unknown:
+        if install_missing and not obj.offline:
+            from registry.install import install
+
+            try:
+                install(obj.home, [word])
+                installed.add(word)
+                continue
+            except NotFound:
+                pass
+        click.echo(f"note: '{word}' is not an installed concept, so it stays plain text "
+                   f"(`pfx install {word}` or --install if it is one)", err=True)
+    return list(dict.fromkeys(scan.names + [w for w in scan.unknown if w in installed] + list(with_names)))
+
+
+def _write_png(image, path: Path, chunk: dict) -> Path:
+    """A PNG that is not one render (grid, contact sheet): written atomically, with a pfx text chunk."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("pfx", json.dumps(chunk, sort_keys=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(path)
+    return path
+
+
 @click.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
 @click.option("--with", "with_names", multiple=True, help="Bind NAME to its superclass word in the prompt.")
 @click.option("--base", help="Base model (default: PFX_BASE, config, else the embedded base).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -171,9 +207,18 @@ def _exact(name, version):
 @click.option("--tau", multiple=True, help="NAME=VALUE gate temperature.")
 @click.option("--global-lock", is_flag=True, help="Global key-locking (useful beta about 0.4-0.6).")
 @click.option("--sweep-beta", help="LO:HI:N: one labelled grid over N betas, same seed.")
-@click.option("-n", "--count", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("-n", "--count", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Images (seeds as one call draws them): OUTPUT's stem-<i>.png, and stem-grid.png with all.")
+@click.option("--no-grid", is_flag=True, help="With -n N: write the N images only, no grid.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="render.png", show_default=True)
 @click.option("--negative", help="Negative prompt.")
+@click.option("--batch", "batch_file", type=click.Path(exists=True, dir_okay=False),
+              help="JSON Lines: one request per line (prompt, seed, count, concepts, beta, tau, negative, output), "
+                   "rendered in batches with different concepts per image. No PROMPT then.")
+@click.option("--batch-size", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="With --batch: images per denoising batch.")
+@click.option("--contact-sheet", type=click.Path(dir_okay=False),
+              help="With --batch: also write one labelled grid of every image here.")
 @click.option("--install", "install_missing", is_flag=True, help="Install referenced concepts that are missing.")
 @click.option("--device", help="cuda, cpu, mps (untested) or auto.")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto")
@@ -181,29 +226,39 @@ def _exact(name, version):
 @click.option("--tokenizer-2", "tokenizer_2", type=click.Path(exists=True, file_okay=False))
 @json_option
 @click.pass_obj
-def render(obj, prompt, with_names, base, seed, steps, guidance, beta, tau, global_lock, sweep_beta, count, output,
-           negative, install_missing, device, dtype, tokenizer, tokenizer_2, as_json):
-    """Render PROMPT, composing the installed concepts it names (e.g. "cat-mittens on chair-eames")."""
-    from perfusion_hub.prompts import scan_prompt
+def render(obj, prompt, with_names, base, seed, steps, guidance, beta, tau, global_lock, sweep_beta, count, no_grid,
+           output, negative, batch_file, batch_size, contact_sheet, install_missing, device, dtype, tokenizer,
+           tokenizer_2, as_json):
+    """Render PROMPT, composing the installed concepts it names (e.g. "cat-mittens on chair-eames").
 
+    \b
+    With --batch FILE, render every line of FILE instead, e.g.
+      {"prompt": "a photo of cat-mittens", "seed": 1, "output": "mittens.png"}
+      {"prompt": "a cat on chair-eames", "concepts": {"chair-eames": {"beta": 0.6}}, "count": 2}
+
+    Images with different concepts share each denoising batch; each comes out as `pfx render` would render its
+    line alone (seed for seed). A line without "output" writes OUTPUT's stem-<line number>.png. Steps, guidance,
+    base and the negative prompt (the default for lines without one) are the command's.
+    """
     betas, taus = _parse_assignments(beta, "--beta"), _parse_assignments(tau, "--tau")
+    if batch_file:
+        clash = [flag for flag, on in (("PROMPT", prompt), ("--with", with_names), ("--beta", beta), ("--tau", tau),
+                                       ("--sweep-beta", sweep_beta), ("--global-lock", global_lock),
+                                       ("-n", count != 1)) if on]
+        if clash:
+            raise UsageError(f"--batch takes its prompts and their settings from the file; drop {', '.join(clash)}")
+        return _render_batch_file(obj, batch_file, base=base, seed=seed, steps=steps, guidance=guidance,
+                                  output=output, negative=negative, batch_size=batch_size, contact_sheet=contact_sheet,
+                                  install_missing=install_missing, device=device, dtype=dtype, tokenizer=tokenizer,
+                                  tokenizer_2=tokenizer_2, as_json=as_json)
+    if not prompt:
+        raise UsageError("give a PROMPT to render (or --batch FILE)")
+    if contact_sheet:
+        raise UsageError("--contact-sheet goes with --batch (with -n N the grid is written by default)")
     sweep = _parse_sweep(sweep_beta) if sweep_beta else None
     home = obj.home
     installed = {r["name"] for r in home.installed()}
-    scan = scan_prompt(prompt, installed | set(with_names))
-    for word in scan.unknown:
-        if install_missing and not obj.offline:
-            from registry.install import install
-
-            try:
-                install(home, [word])
-                installed.add(word)
-                continue
-            except NotFound:
-                pass
-        click.echo(f"note: '{word}' is not an installed concept, so it stays plain text "
-                   f"(`pfx install {word}` or --install if it is one)", err=True)
-    names = list(dict.fromkeys(scan.names + [w for w in scan.unknown if w in installed] + list(with_names)))
+    names = _concept_names(obj, installed, prompt, with_names, install_missing)
     pairs = installed_concepts(obj, names, install_missing=install_missing)
     value = base_value(obj, base)
     from perfusion_hub.bases import resolve_spec
@@ -230,8 +285,75 @@ def render(obj, prompt, with_names, base, seed, steps, guidance, beta, tau, glob
         files = res.save(output)
         info = {"files": [str(f) for f in files], "concepts": res.concepts, "prompt": res.prompt,
                 "params": res.params}
+        if count > 1 and not no_grid:
+            from perfusion_hub.batch import image_grid
+
+            out = Path(output)
+            grid_path = out.with_name(f"{out.stem}-grid{out.suffix or '.png'}")
+            _write_png(image_grid(res.images), grid_path, dict(res.params, grid=[str(f) for f in files]))
+            info["grid"] = str(grid_path)
     info["seconds"] = round(time.perf_counter() - t0, 2)
-    emit(info, as_json, lambda d: click.echo("\n".join(d["files"])))
+    emit(info, as_json, lambda d: click.echo("\n".join(d["files"] + ([d["grid"]] if d.get("grid") else []))))
+
+
+def _render_batch_file(obj, batch_file, *, base, seed, steps, guidance, output, negative, batch_size, contact_sheet,
+                       install_missing, device, dtype, tokenizer, tokenizer_2, as_json):
+    """`pfx render --batch FILE`: check every line first (naming the bad one), then render in batches."""
+    from cli.render_spec import SpecError, read_batch_file
+
+    out = Path(output)
+    try:
+        lines = read_batch_file(batch_file, default_seed=seed, default_negative=negative,
+                                default_output=lambda n: out.with_name(f"{out.stem}-{n}{out.suffix or '.png'}"))
+    except SpecError as e:
+        raise UsageError(str(e)) from None
+    home = obj.home
+    installed = {r["name"] for r in home.installed()}
+    names: list[str] = []
+    for _, spec in lines:
+        names += _concept_names(obj, installed, spec.prompt, spec.with_names, install_missing)
+    pairs = installed_concepts(obj, list(dict.fromkeys(names)), install_missing=install_missing)
+    value = base_value(obj, base)
+    from perfusion_hub.bases import resolve_spec
+    from perfusion_hub.batch import check_request, image_grid, render_batch
+    from perfusion_hub.errors import BadInput
+    from perfusion_hub.render import ensure_loaded
+
+    b = open_base(obj, value, device=device, dtype=dtype, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
+    concepts, cov = concepts_for(obj, b, pairs)
+    ensure_loaded(b, concepts, cov)
+    for n, spec in lines:
+        try:
+            check_request(b, spec.request())
+        except BadInput as e:
+            raise UsageError(f"{batch_file}, line {n}: {e}") from None
+    steps = steps or (25 if resolve_spec(value).kind == "embedded" else 50)
+    chunks: list[list] = []
+    for item in lines:  # whole lines, at most batch_size images a batch (a larger line alone)
+        if chunks and sum(s.count for _, s in chunks[-1]) + item[1].count <= batch_size:
+            chunks[-1].append(item)
+        else:
+            chunks.append([item])
+    total = sum(s.count for _, s in lines)
+    t0 = time.perf_counter()
+    files, sheet, labels = [], [], []
+    with progress(total, "render") as bar:
+        for chunk in chunks:
+            results = render_batch(b, [s.request() for _, s in chunk], concepts=concepts, covariance=cov, steps=steps,
+                                   guidance=guidance)
+            for (n, spec), res in zip(chunk, results):
+                files += [str(f) for f in res.save(spec.output)]
+                if contact_sheet:
+                    sheet += res.images
+                    labels += [f"{n}" if spec.count == 1 else f"{n}.{i}" for i in range(spec.count)]
+            bar.update(sum(s.count for _, s in chunk))
+    info = {"files": files, "lines": len(lines), "images": total, "batches": len(chunks), "steps": steps,
+            "seconds": round(time.perf_counter() - t0, 2)}
+    if contact_sheet:
+        _write_png(image_grid(sheet, labels=labels, max_side=256), Path(contact_sheet),
+                   {"contact_sheet": files, "batch_file": str(batch_file)})
+        info["contact_sheet"] = str(contact_sheet)
+    emit(info, as_json, lambda d: click.echo("\n".join(d["files"] + ([d["contact_sheet"]] if contact_sheet else []))))
 
 
 @click.group("base")

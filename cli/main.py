@@ -94,7 +94,7 @@ def version(as_json: bool) -> None:
 def _register() -> None:
     import importlib
 
-    for mod in ("cli.cmd_local", "cli.cmd_remote", "cli.cmd_engine", "cli.cmd_keys", "cli.cmd_card"):
+    for mod in ("cli.cmd_local", "cli.cmd_remote", "cli.cmd_engine", "cli.cmd_keys", "cli.cmd_card", "cli.cmd_serve"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -7,7 +7,9 @@ hands the call to the processor it replaced, so a prompt without concepts runs e
 
 Which concepts are active: set explicitly (`runtime.activate([...])`, what `render` and the trainer do),
 or detected from the token ids the text encoder last saw (so a plain `pipe("a photo of <cat-mittens>")`
-works after `load_concepts`).
+works after `load_concepts`), or per row of the UNet batch (`runtime.activate_rows([...])` /
+`rows_activated`: each row of encoder_hidden_states its own concept set and gates; perfusion_hub.batch holds
+that math and render_batch, which renders images with different concepts in one batch).
 
 At inference the edited text K/V are computed once per prompt and reused across denoising steps: the
 pipeline passes the same `encoder_hidden_states` tensor at every step, so the cache is keyed by that
@@ -153,6 +155,7 @@ class PerfusionRuntime:
         self._cinv_device: dict[str, torch.Tensor] = {}
         self.corpus_digest = ""
         self.hook = None  # the text encoder's pre-hook that feeds observe_tokens
+        self._rows = None  # a perfusion_hub.batch.RowPlan while per-row concept sets are active
 
     # ---- concepts -------------------------------------------------------------------------------
     def add(self, state: ConceptState) -> None:
@@ -256,6 +259,33 @@ class PerfusionRuntime:
 
     def active(self) -> list[str]:
         return self._explicit if self._explicit is not None else self._seen
+
+    # ---- per-row concept sets (perfusion_hub.batch) ---------------------------------------------
+    def activate_rows(self, rows: list | None) -> None:
+        """Give every row of the UNet's encoder_hidden_states its own concept set and gates: `rows` holds one
+        perfusion_hub.batch.RowSet (or a {name: (beta, tau)} mapping; empty: no concept) per row, in batch order
+        (with classifier-free guidance, [negative rows..., positive rows...]). While set, it replaces activate()'s
+        single set for the whole batch; the rows are checked here (names loaded, tau > 0, each set composable),
+        before any UNet call. None: back to activate()'s behaviour."""
+        if rows is None:
+            self._rows = None
+            return
+        from perfusion_hub.batch import RowPlan
+
+        self._rows = RowPlan(self, rows)
+
+    @contextmanager
+    def rows_activated(self, rows: list):
+        """activate_rows(rows) for the block; the whole-batch behaviour again after it, however it ends."""
+        self.activate_rows(rows)
+        try:
+            yield self
+        finally:
+            self.activate_rows(None)
+
+    def row_plan(self):
+        """The active perfusion_hub.batch.RowPlan, or None."""
+        return self._rows
 
     def observe_tokens(self, input_ids: torch.Tensor, encodings: torch.Tensor | None = None) -> None:
         """Called after every text-encoder forward: remember which concept tokens the prompt holds (and, for
@@ -437,8 +467,9 @@ class PerfusionAttnProcessor:
         rt = self.runtime
         if not rt.training:
             rt._unet_ran = True
-        names = rt.active()
-        if not names or encoder_hidden_states is None:
+        plan = rt.row_plan()
+        names = rt.active() if plan is None else None
+        if encoder_hidden_states is None or (not names if plan is None else not plan.edits()):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
         residual = hidden_states
@@ -458,7 +489,10 @@ class PerfusionAttnProcessor:
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
 
-        key, value = rt.key_value(self.path, attn, encoder_hidden_states, names)
+        if plan is not None:  # each row its own concept set; rows without one get the stock K/V
+            key, value = plan.key_value(self.path, attn, encoder_hidden_states)
+        else:
+            key, value = rt.key_value(self.path, attn, encoder_hidden_states, names)
 
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)

@@ -1,0 +1,359 @@
+"""Many concepts in one batch: per-row concept sets, and render_batch (images with different concepts and
+gates in one UNet batch).
+
+A Perfusion concept at one cross-attention layer is a gated rank-one edit of the text K/V, and the edited K/V
+of one row of encoder_hidden_states depend only on that row's text encodings and the concepts applied to it.
+So every row of a batch can carry its own concept set, with its own gates, at the cost of one small edit per
+group of rows that share a set, computed once per batch run (the text K/V do not change across steps):
+
+    rt.activate_rows([RowSet.of({"cat-mittens": (0.7, 0.15)}), RowSet(), ...])   # one per UNet row
+    with rt.rows_activated(rows): pipe(prompt_embeds=..., ...)
+
+RowPlan is that math. For each layer it takes the stock projections of the whole batch (W_K e, W_V e), and
+for each group of rows with the same concept set and gates replaces those rows by the edit computed on them
+alone, with the basis of exactly that group's concepts (the exact projector of a row depends on the row's
+concepts only, never on the union of the batch). Rows without concepts keep the stock output bit for bit;
+with no concept on any row the stock attention processors run, as in a plain pipeline.
+
+render_batch renders RenderRequests (each its prompt, seed, count, concepts with their beta/tau, negative
+prompt) in one batched denoising loop, and is defined to give each request what `render()` gives it alone:
+
+- the same text encodings (each request's prompt and negative prompt are encoded on their own, as render does,
+  once per distinct text in a batch);
+- the same starting noise: each request's latents come from its own `torch.Generator("cpu")` seeded with its
+  seed, drawn with the shape render draws ([count, C, h, w]), and are passed to the pipeline as `latents=`;
+- the same edit: a request's concept set applies to both of its rows (the negative prompt's and the prompt's),
+  as render() edits the whole CFG batch it runs: the concept edits the model, which then predicts both halves
+  of the guidance. A request without concepts gets stock K/V on both rows.
+
+What batching can still change is floating point blocking: CPU convolution and matmul kernels pick their
+blocking by batch size, so a row's numbers in a batch of 16 can differ from the same row in a batch of 2 in
+the last bits (measured on the toy base: ~1e-6 per UNet call, ~1e-5 in the final latents after a few steps,
+at most 1 level in 8-bit pixels). Within one batch nothing crosses rows: a request's image does not depend on
+the concepts other requests use (bit-identical), a request without concepts is bit-identical to the plain
+pipeline run on the same batch, and a batch of one is bit-identical to render(). tests/test_batch_render.py
+proves each of these.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from perfusion_hub.edit import Basis, edited_projection
+from perfusion_hub.errors import BadInput
+
+
+@dataclass(frozen=True)
+class RowSet:
+    """The concepts that edit one row of encoder_hidden_states, in order, each with its gate (beta, tau).
+    Empty: the row is not edited. Hashable: rows with equal sets are edited together."""
+
+    names: tuple[str, ...] = ()
+    beta: tuple[float, ...] = ()
+    tau: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        if not (len(self.names) == len(self.beta) == len(self.tau)):
+            raise ValueError("RowSet: names, beta and tau must have the same length")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"RowSet: a concept is named twice: {list(self.names)}")
+
+    @classmethod
+    def of(cls, gates: Mapping[str, tuple[float, float]] | None) -> RowSet:
+        """From {name: (beta, tau)}, in the mapping's order."""
+        gates = dict(gates or {})
+        return cls(tuple(gates), tuple(float(b) for b, _ in gates.values()), tuple(float(t) for _, t in gates.values()))
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+
+class RowPlan:
+    """Per-row concept sets on one runtime (made by PerfusionRuntime.activate_rows, which the processors ask).
+
+    Caches, per layer, the batch's edited K/V for the encoder_hidden_states object the pipeline passes at every
+    step (a strong reference is held, so the key cannot be recycled), and bases and layer terms per concept
+    set; everything is recomputed when the runtime's version moves (concepts, gates or weights changed)."""
+
+    MAX_TERMS = 512  # (layer, concept set) entries kept
+
+    def __init__(self, runtime, rows):
+        self.rt = runtime
+        sets = [r if isinstance(r, RowSet) else RowSet.of(r) for r in rows]
+        unknown = sorted({n for r in sets for n in r.names if n not in runtime.concepts})
+        if unknown:
+            raise KeyError(f"concepts not loaded: {', '.join(unknown)}")
+        for r in sets:
+            if any(t <= 0 for t in r.tau):
+                raise ValueError(f"tau must be positive (row with {', '.join(r.names)})")
+        for names in {r.names for r in sets if len(r.names) > 1}:
+            runtime.check_composable(list(names))
+        if runtime.global_lock and any(sets):
+            raise ValueError("global key-locking is not available with per-row concept sets")
+        self.rows: tuple[RowSet, ...] = tuple(sets)
+        self.groups: dict[RowSet, list[int]] = {}
+        for i, r in enumerate(sets):
+            if r:
+                self.groups.setdefault(r, []).append(i)
+        self._version = runtime.version
+        self._kv: dict[str, tuple] = {}
+        self._terms: OrderedDict = OrderedDict()
+        self._bases: dict[tuple, Basis] = {}
+        self._masks: tuple | None = None  # (encoder_hidden_states, {RowSet: (positions, gates_at)})
+
+    def edits(self) -> bool:
+        """Whether any row has a concept (if not, the stock processors run)."""
+        return bool(self.groups)
+
+    def _fresh(self) -> None:
+        if self.rt.version != self._version:
+            self._version = self.rt.version
+            self._kv.clear()
+            self._terms.clear()
+            self._bases.clear()
+            self._masks = None
+
+    def basis(self, rs: RowSet, device) -> Basis:
+        """The runtime's basis for these concepts (U, A, G depend on the set only) with this row's gates."""
+        key = (rs, str(device))
+        b = self._bases.get(key)
+        if b is None:
+            shared = self.rt.basis(list(rs.names), device)
+            f32 = {"device": device, "dtype": torch.float32}
+            b = Basis(shared.U, shared.A, shared.G, torch.tensor(rs.beta, **f32), torch.tensor(rs.tau, **f32))
+            self._bases[key] = b
+        return b
+
+    def terms(self, path: str, attn, rs: RowSet, basis: Basis):
+        key = (path, rs.names)
+        hit = self._terms.get(key)
+        if hit is None:
+            hit = self._terms[key] = self.rt.layer_terms(path, attn, list(rs.names), basis)
+            if len(self._terms) > self.MAX_TERMS:
+                self._terms.popitem(last=False)
+        return hit
+
+    def _positions(self, ehs: torch.Tensor, rs: RowSet, sub: torch.Tensor):
+        if self._masks is None or self._masks[0] is not ehs:
+            self._masks = (ehs, {})
+        masks = self._masks[1]
+        if rs not in masks:
+            masks[rs] = self.rt.positions(sub, list(rs.names))
+        return masks[rs]
+
+    def key_value(self, path: str, attn, ehs: torch.Tensor):
+        """The batch's K/V at one layer: the stock projections, with each concept group's rows edited."""
+        if ehs.shape[0] != len(self.rows):
+            raise ValueError(f"per-row concept sets were given for {len(self.rows)} rows, but the UNet was called "
+                             f"with {ehs.shape[0]} (with guidance, one set per negative and per positive row)")
+        self._fresh()
+        cacheable = not torch.is_grad_enabled()
+        hit = self._kv.get(path)
+        if cacheable and hit is not None and hit[0] is ehs:
+            return hit[1], hit[2]
+        key = value = None
+        whole = len(self.groups) == 1 and len(next(iter(self.groups.values()))) == ehs.shape[0]
+        if not whole:
+            key, value = attn.to_k(ehs), attn.to_v(ehs)
+        for rs, rows in self.groups.items():
+            idx = torch.tensor(rows, device=ehs.device)
+            sub = ehs if whole else ehs.index_select(0, idx)
+            basis = self.basis(rs, ehs.device)
+            wk_u, wv_u, o_k, o_v = self.terms(path, attn, rs, basis)
+            pos, at = self._positions(ehs, rs, sub)
+            override = self.rt.gate_override
+            k = edited_projection(attn.to_k(sub), sub, basis, wk_u, o_k, gate_override=override, positions=pos,
+                                  gates_at=at).to(ehs.dtype)
+            v = edited_projection(attn.to_v(sub), sub, basis, wv_u, o_v, gate_override=override, positions=pos,
+                                  gates_at=at).to(ehs.dtype)
+            if whole:
+                key, value = k, v
+            else:
+                key, value = key.index_copy(0, idx, k), value.index_copy(0, idx, v)
+        if cacheable:
+            self._kv[path] = (ehs, key, value)
+        return key, value
+
+
+@dataclass
+class RenderRequest:
+    """One entry of render_batch: what render() takes for one prompt (steps, guidance and size are the batch's)."""
+
+    prompt: str
+    seed: int = 0
+    count: int = 1
+    beta: dict[str, float] = field(default_factory=dict)
+    tau: dict[str, float] = field(default_factory=dict)
+    with_names: list[str] = field(default_factory=list)
+    negative_prompt: str | None = None
+
+
+@dataclass
+class Prepared:
+    """A request checked against the loaded concepts: its parsed prompt and the gate of every concept it uses."""
+
+    request: RenderRequest
+    parsed: object  # prompts.ParsedPrompt
+    gates: dict[str, tuple[float, float]]  # name -> (beta, tau), in the prompt's order
+
+
+def prepare(rt, request: RenderRequest) -> Prepared:
+    """Parse a request's prompt against the loaded concepts and settle its gates as render() does (an explicit
+    beta/tau, else the concept file's default). Raises BadInput for what render() refuses."""
+    from perfusion_hub.prompts import parse_prompt
+    from perfusion_hub.render import _known
+
+    if request.count < 1:
+        raise BadInput("count must be at least 1")
+    parsed = parse_prompt(request.prompt, _known(rt), list(request.with_names))
+    beta, tau = dict(request.beta or {}), dict(request.tau or {})
+    unknown = sorted((set(beta) | set(tau)) - set(parsed.concepts))
+    if unknown:
+        raise BadInput(f"beta/tau for {', '.join(unknown)}, which the prompt does not use")
+    gates = {}
+    for name in parsed.concepts:
+        s = rt.concepts[name]
+        b = float(beta.get(name, float(s.metadata.get("beta", s.beta))))
+        t = float(tau.get(name, float(s.metadata.get("tau", s.tau))))
+        if t <= 0:
+            raise BadInput(f"tau for {name} must be positive")
+        gates[name] = (b, t)
+    if len(gates) > 1:
+        rt.check_composable(list(gates))
+    return Prepared(request, parsed, gates)
+
+
+def check_request(base, request: RenderRequest) -> list[str]:
+    """Raise what render_batch would refuse for this request (BadInput), against the concepts loaded in `base`
+    now, without rendering; returns the concepts it uses. Lets a caller name the bad entry before a batch runs."""
+    from perfusion_hub.loaders import runtime_of
+
+    return prepare(runtime_of(base.pipe), request).parsed.concepts
+
+
+def initial_latents(pipe, count: int, seed: int, size: int, dtype) -> torch.Tensor:
+    """The noise render() starts from for `count` images of `seed`: one CPU generator seeded with the seed,
+    drawn with the pipeline's own latent shape and randn_tensor (as StableDiffusionPipeline.prepare_latents
+    does; it then scales by the scheduler's init_noise_sigma, for passed latents too)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    shape = (count, pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(int(seed)), device=pipe.device,
+                        dtype=dtype)
+
+
+@torch.no_grad()
+def render_batch(
+    base,
+    requests: list[RenderRequest],
+    *,
+    concepts=(),
+    covariance=None,
+    steps: int = 50,
+    guidance: float = 7.5,
+    size: int | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    output_type: str = "pil",
+) -> list:
+    """Render every request in one batched denoising loop; one RenderResult per request, in order.
+
+    Each request has its own prompt, seed, count, concepts (found in its prompt, or bound with with_names) and
+    per-concept beta/tau; the same concept may carry different gates in different requests. `concepts` and
+    `covariance` are loaded as render() loads them (kept loaded afterwards). `on_step(done, total)` is called
+    after every denoising step. `output_type="latent"`: each result's images are its final latents
+    ([C, h, w] tensors) instead of PIL images. See the module docstring for what "the same as render() alone"
+    means.
+    """
+    from perfusion_hub.loaders import runtime_of
+    from perfusion_hub.render import RenderResult, ensure_loaded
+
+    if not requests:
+        return []
+    pipe = base.pipe
+    ensure_loaded(base, list(concepts), covariance)
+    rt = runtime_of(pipe)
+    preps = [prepare(rt, r) for r in requests]
+    size = size or base.resolution
+    cfg = guidance > 1
+    encoded: dict[str, torch.Tensor] = {}
+
+    def encode(text: str, count: int) -> torch.Tensor:
+        """[count, L, D] encodings of `text`, as encode_prompt makes them (each distinct text, negative prompts
+        included, runs through the text encoder once per batch: the negative branch of encode_prompt encodes
+        its text exactly as the prompt branch does)."""
+        if text not in encoded:
+            encoded[text] = pipe.encode_prompt(text, pipe.device, 1, False)[0]
+        e = encoded[text]
+        return e.repeat(1, count, 1).view(count, e.shape[1], -1)
+
+    pos_rows, neg_rows, latents, sets = [], [], [], []
+    for p in preps:
+        n = p.request.count
+        pos = encode(p.parsed.text, n)
+        pos_rows.append(pos)
+        if cfg:
+            neg_rows.append(encode(p.request.negative_prompt or "", n))
+        latents.append(initial_latents(pipe, n, p.request.seed, size, pos.dtype))
+        sets += [RowSet.of(p.gates)] * n
+    rows = (sets + sets) if cfg else sets  # the pipeline's CFG batch is [negatives..., positives...]
+    call = {"prompt_embeds": torch.cat(pos_rows), "negative_prompt_embeds": torch.cat(neg_rows) if cfg else None,
+            "latents": torch.cat(latents), "num_inference_steps": steps, "guidance_scale": guidance,
+            "height": size, "width": size, "output_type": output_type}
+    if on_step is not None:
+        def step_end(_pipe, i, _t, kw):
+            on_step(i + 1, steps)
+            return kw
+
+        call["callback_on_step_end"] = step_end
+    if rt is not None and any(sets):
+        with rt.rows_activated(rows):
+            out = pipe(**call)
+    else:
+        out = pipe(**call)
+    images = list(out.images)
+    results, at = [], 0
+    for p in preps:
+        n = p.request.count
+        params = {
+            "prompt": p.request.prompt, "text": p.parsed.text, "seed": p.request.seed, "steps": steps,
+            "guidance": guidance, "base": base.name, "base_digest": base.digest, "global_lock": False,
+            "size": size, "negative_prompt": p.request.negative_prompt or "",
+            "concepts": {n_: {"beta": b, "tau": t, "version": rt.concepts[n_].metadata.get("version"),
+                              "digest": rt.concepts[n_].metadata.get("file_digest", "")}
+                         for n_, (b, t) in p.gates.items()},
+        }
+        results.append(RenderResult(images[at:at + n], p.parsed.text, list(p.parsed.concepts), params))
+        at += n
+    return results
+
+
+def image_grid(images: list, *, columns: int | None = None, labels: list[str] | None = None, max_side: int = 0):
+    """Images in a grid, row by row (columns: about sqrt(n) by default), with an optional caption under each;
+    `max_side`: scale each cell down to at most this many pixels a side (0: as they are)."""
+    from PIL import Image, ImageDraw
+
+    if not images:
+        raise ValueError("no images for a grid")
+    cols = columns or max(1, int(len(images) ** 0.5 + 0.999999))
+    cols = min(cols, len(images))
+    w, h = images[0].size
+    if max_side and max(w, h) > max_side:
+        scale = max_side / max(w, h)
+        w, h = max(1, round(w * scale)), max(1, round(h * scale))
+    label_h = 14 if labels else 0
+    rows = (len(images) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * w, rows * (h + label_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, img in enumerate(images):
+        x, y = (i % cols) * w, (i // cols) * (h + label_h)
+        cell = img.convert("RGB")
+        if cell.size != (w, h):
+            cell = cell.resize((w, h))
+        grid.paste(cell, (x, y))
+        if labels:
+            draw.text((x + 2, y + h + 1), str(labels[i])[: max(4, w // 6)], fill="black")
+    return grid
