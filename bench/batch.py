@@ -11,9 +11,9 @@ Measured in one process, on one model, the baseline in the same run:
      Images/s of each and the ratio (goal >= 0.8x).
   3. equality: a request rendered in the batch vs rendered alone (batch of one): max and mean pixel difference.
 
-  python bench/batch.py            # GPU: SD1.5 architecture, random weights (bench/engine.py's build_base),
+  python -m bench.batch            # GPU: SD1.5 architecture, random weights (bench/engine.py's build_base),
                                    # 512x512, 50 DDIM steps, guidance 7.5, fp16 (bf16 if fp16 overflows)
-  python bench/batch.py --toy      # CPU: the embedded toy base, 64x64, 25 steps, guidance 7.5
+  python -m bench.batch --toy      # CPU: the embedded toy base, 64x64, 25 steps, guidance 7.5
 
 Needs torch, diffusers, transformers, safetensors, pillow, numpy and, for stage 2, fastapi + uvicorn (and their
 dependencies); no network, no registry (concepts are synthetic, served from memory). Results go to
@@ -35,8 +35,6 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -74,7 +72,7 @@ def parse(argv=None):
 
 def build(args):
     """(base, covariance, concepts) on this machine: the toy base on CPU, or SD1.5 random weights on the GPU."""
-    import engine  # bench/engine.py
+    from bench import engine
 
     if args.toy:
         from perfusion_hub.bases import load_base

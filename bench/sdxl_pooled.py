@@ -27,7 +27,7 @@ policy a concept is trained from 8 synthetic photos (default recipe rates and ga
 Random weights say nothing about image quality; what they show is the size of the pathways the policy opens.
 Results: bench/results/sdxl-pooled-policy-<date>.json; bench/README.md, "SDXL pooled embedding policy".
 
-  python bench/sdxl_pooled.py                 # ~2-4 min on 2 CPU cores
+  python -m bench.sdxl_pooled                 # ~2-4 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -36,14 +36,10 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 
@@ -181,7 +177,7 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     torch.set_num_threads(2)
-    from engine import build_base, covariance
+    from bench.engine import build_base, covariance
 
     t0 = time.perf_counter()
     out = {"date": date.today().isoformat(), "torch": torch.__version__, "device": "cpu",

@@ -1,4 +1,4 @@
-"""Static catalogue benchmark (not a test): python bench/site.py [--concepts 10000] [--browser]
+"""Static catalogue benchmark (not a test): python -m bench.site [--concepts 10000] [--browser]
 
 Publishes N small carded concepts into a file:// registry (tests/sitekit.py: synthetic names, titles,
 descriptions and tags from small word lists, like a catalogue of many similar concepts), builds the
@@ -21,14 +21,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 QUERIES = [
     "quokka",             # one concept among N (rare word)
