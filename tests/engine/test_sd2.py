@@ -24,8 +24,8 @@ from perfusion_hub.text import family_of
 from tests.kit.engine import photo_folder
 from tests.kit.family import as_base, small_covariance, synthetic_concept, tiny_sd2_pipe
 
-DATA = Path(__file__).resolve().parent.parent / "perfusion_hub" / "data"
-SAMPLES = Path(__file__).resolve().parent.parent / "registry" / "sample_registry"
+DATA = Path(__file__).resolve().parents[2] / "perfusion_hub" / "data"
+SAMPLES = Path(__file__).resolve().parents[2] / "registry" / "sample_registry"
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from perfusion_hub.text import TextEncoders, family_of
 from tests.kit.engine import photo_folder
 from tests.kit.family import small_covariance, synthetic_concept, tiny_sdxl_pipe
 
-SDXL_CONFIGS = Path(__file__).resolve().parent.parent / "perfusion_hub" / "data" / "sdxl"
+SDXL_CONFIGS = Path(__file__).resolve().parents[2] / "perfusion_hub" / "data" / "sdxl"
 
 
 def _px(img):

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import torch
 
+from perfusion_hub.bases import EMBEDDED
 from perfusion_hub.concept import FORMAT, Concept, family_metadata, format_version_for
 
-TOY_TOKENIZER = Path(__file__).resolve().parent.parent / "perfusion_hub" / "data" / "toy" / "tokenizer"
+TOY_TOKENIZER = EMBEDDED["toy"] / "tokenizer"
 
 
 def _tokenizer(pad: str | None = None):
