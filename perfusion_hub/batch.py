@@ -31,7 +31,7 @@ blocking by batch size, so a row's numbers in a batch of 16 can differ from the 
 the last bits (measured on the toy base: ~1e-6 per UNet call, ~1e-5 in the final latents after a few steps,
 at most 1 level in 8-bit pixels). Within one batch nothing crosses rows: a request's image does not depend on
 the concepts other requests use (bit-identical), a request without concepts is bit-identical to the plain
-pipeline run on the same batch, and a batch of one is bit-identical to render(). tests/test_batch_render.py
+pipeline run on the same batch, and a batch of one is bit-identical to render(). tests/engine/test_batch_render.py
 proves each of these.
 """
 

@@ -1,5 +1,5 @@
 """Publishers and index editors in separate processes, released together by a barrier, for race tests
-on real servers (tests/test_s3_races.py).
+on real servers (tests/registry/test_s3_races.py).
 
 Processes are started once (multiprocessing "spawn": a clean interpreter, as a second `pfx` would be)
 and run every round, so ten races cost ten barrier waits rather than twenty interpreter starts. Each

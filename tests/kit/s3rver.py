@@ -1,7 +1,7 @@
 """s3rver (npm) on 127.0.0.1 for tests: a real S3 server that IGNORES conditional writes.
 
 Why: the spec says remotes that ignore If-None-Match / If-Match exist, and the capability probe of
-`pfx remote add` must catch them. The fault proxy in tests/s3server.py imitates one by stripping the
+`pfx remote add` must catch them. The fault proxy in tests/kit/proxy.py imitates one by stripping the
 headers; s3rver is one for real. Measured with boto3 1.44.8 on s3rver 3.7.1:
 * PutObject ignores If-None-Match and If-Match: 200 and the object is overwritten, every time.
 * GetObject ignores If-Match (200), and If-None-Match matches only the exact string it stores, the

@@ -2,7 +2,7 @@
 
 `shared_rgw()` starts one single-node Ceph RGW (tests/kit/rgw.py) the first time it is called and keeps
 it until the test process exits (its daemons die with the process in any case). Besides the helper's
-own user it creates one whose keys are the moto tests' `test` / `test` (tests/s3server.py S3_ENV), so
+own user it creates one whose keys are the moto tests' `test` / `test` (tests/kit/s3.py S3_ENV), so
 every test written for moto - boto3 clients, `pfx` subprocesses, publish workers - talks to RGW
 unchanged. Each test makes its own bucket, so sharing the store costs no isolation.
 
@@ -22,7 +22,7 @@ from contextlib import ExitStack
 from tests.kit.rgw import RGW, rgw_available, rgw_server
 from tests.kit.s3rver import S3rver, s3rver_available, s3rver_server
 
-COMPAT_KEYS = ("test", "test")  # tests/s3server.py S3_ENV
+COMPAT_KEYS = ("test", "test")  # tests/kit/s3.py S3_ENV
 _lock = threading.Lock()
 _rgw: RGW | None = None
 _s3rver: S3rver | None = None

@@ -126,7 +126,7 @@ def test_offline_opens_no_socket(tmp_path, s3_url, bucket, monkeypatch):
 
 def test_probe_detects_store_ignoring_conditional_headers(tmp_path, s3_url, bucket):
     if getattr(s3_url, "kind", "moto") == "rgw":  # moto checks no signatures; RGW does, and If-Match is signed
-        pytest.skip("a proxy that strips the signed If-* headers gets 403 from RGW; tests/test_s3_servers.py "
+        pytest.skip("a proxy that strips the signed If-* headers gets 403 from RGW; tests/registry/test_s3_servers.py "
                     "covers a real store without conditional writes (s3rver)")
     url = f"s3://{bucket}/reg"
     with fault_proxy(s3_url) as (proxy, state):
