@@ -135,9 +135,9 @@ def train(obj, photos, name, superclass, version_, base, steps, batch_size, micr
             from perfusion_hub.card import thumbnail_data_uri
 
             edits["thumbnail"] = thumbnail_data_uri(result.previews[0])
-        from perfusion_hub.card import edit_file
+        from perfusion_hub.concept import edit_card
 
-        edit_file(result.path, edits)
+        edit_card(result.path, edits)
         manifest = home.add_concept_file(
             result.path, previews=result.previews, description=description, license=license_,
             covariance={"digest": cov.digest, "size": len(cov.to_bytes()), "base_digest": b.digest,

@@ -328,19 +328,3 @@ def thumbnail_bytes(uri: str) -> tuple[str, bytes]:
         return f"image/{m.group(1)}", base64.b64decode(m.group(2), validate=True)
     except binascii.Error:
         raise CardError("thumbnail base64 is malformed") from None
-
-
-def edit_file(path, edits: dict[str, Any]) -> None:
-    """Apply card `edits` to a concept file in place (atomically): same tensors, new header. For a file
-    being built (train), never for a stored version (registry.cards.edit_card makes a new version)."""
-    from pathlib import Path
-
-    from perfusion_hub.concept import atomic_write_bytes, read_header_bytes
-
-    data = Path(path).read_bytes()
-    meta = dict(read_header_bytes(data).metadata)
-    meta.pop("modelspec.hash_sha256", None)
-    meta = stamp_hash(apply_card(meta, edits), data_section(data))
-    new = rewrite_metadata(data, meta)
-    read_header_bytes(new)
-    atomic_write_bytes(path, new)

@@ -629,3 +629,16 @@ def check_fits_base(header: ConceptHeader | Concept, *, base_name: str, base_dig
     for k, d in layers.items():
         if clayers[k] != d:
             raise ConceptMismatchError(f"{who}: value target for {k} has {clayers[k]} values; the base layer has {d}")
+
+
+def edit_card(path: str | os.PathLike, edits: dict[str, Any]) -> None:
+    """Apply card `edits` (perfusion_hub.card.apply_card) to a concept file in place, atomically: same tensors,
+    new header. For a file being built (train), never for a stored version (registry.cards.edit_card makes a new
+    version)."""
+    data = Path(path).read_bytes()
+    meta = dict(read_header_bytes(data).metadata)
+    meta.pop("modelspec.hash_sha256", None)
+    meta = _card.stamp_hash(_card.apply_card(meta, edits), _card.data_section(data))
+    new = _card.rewrite_metadata(data, meta)
+    read_header_bytes(new)
+    atomic_write_bytes(path, new)

@@ -35,6 +35,7 @@ from perfusion_hub.edit import (
     make_basis,
 )
 from perfusion_hub.errors import IncompatibleConcepts
+from perfusion_hub.rows import RowPlan
 
 GATE_POSITIONS = ("all", "prompt", "span")
 
@@ -155,7 +156,7 @@ class PerfusionRuntime:
         self._cinv_device: dict[str, torch.Tensor] = {}
         self.corpus_digest = ""
         self.hook = None  # the text encoder's pre-hook that feeds observe_tokens
-        self._rows = None  # a perfusion_hub.batch.RowPlan while per-row concept sets are active
+        self._rows = None  # a perfusion_hub.rows.RowPlan while per-row concept sets are active
 
     # ---- concepts -------------------------------------------------------------------------------
     def add(self, state: ConceptState) -> None:
@@ -263,15 +264,13 @@ class PerfusionRuntime:
     # ---- per-row concept sets (perfusion_hub.batch) ---------------------------------------------
     def activate_rows(self, rows: list | None) -> None:
         """Give every row of the UNet's encoder_hidden_states its own concept set and gates: `rows` holds one
-        perfusion_hub.batch.RowSet (or a {name: (beta, tau)} mapping; empty: no concept) per row, in batch order
+        perfusion_hub.rows.RowSet (or a {name: (beta, tau)} mapping; empty: no concept) per row, in batch order
         (with classifier-free guidance, [negative rows..., positive rows...]). While set, it replaces activate()'s
         single set for the whole batch; the rows are checked here (names loaded, tau > 0, each set composable),
         before any UNet call. None: back to activate()'s behaviour."""
         if rows is None:
             self._rows = None
             return
-        from perfusion_hub.batch import RowPlan
-
         self._rows = RowPlan(self, rows)
 
     @contextmanager
@@ -284,7 +283,7 @@ class PerfusionRuntime:
             self.activate_rows(None)
 
     def row_plan(self):
-        """The active perfusion_hub.batch.RowPlan, or None."""
+        """The active perfusion_hub.rows.RowPlan, or None."""
         return self._rows
 
     def observe_tokens(self, input_ids: torch.Tensor, encodings: torch.Tensor | None = None) -> None:

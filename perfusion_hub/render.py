@@ -50,7 +50,7 @@ class RenderResult:
         return paths
 
 
-def _known(rt) -> dict[str, tuple[str, str]]:
+def known_concepts(rt) -> dict[str, tuple[str, str]]:
     """Loaded concepts as parse_prompt wants them: name -> (token, superclass)."""
     return {n: (s.token, s.metadata.get("superclass", "")) for n, s in rt.concepts.items()} if rt else {}
 
@@ -88,7 +88,7 @@ def render(
     pipe = base.pipe
     ensure_loaded(base, list(concepts), covariance)
     rt = runtime_of(pipe)
-    parsed = parse_prompt(prompt, _known(rt), list(with_names))
+    parsed = parse_prompt(prompt, known_concepts(rt), list(with_names))
     beta, tau = beta or {}, tau or {}
     unknown = sorted((set(beta) | set(tau)) - set(parsed.concepts))
     if unknown:
@@ -161,7 +161,7 @@ def beta_grid(base, prompt: str, betas: list[float], *, concepts, covariance, **
 
 def _used(base, prompt, with_names, concepts, covariance) -> list[str]:
     ensure_loaded(base, list(concepts), covariance)
-    return parse_prompt(prompt, _known(runtime_of(base.pipe)), list(with_names)).concepts
+    return parse_prompt(prompt, known_concepts(runtime_of(base.pipe)), list(with_names)).concepts
 
 
 def render_previews(base, concept: Concept, covariance: Covariance, stem: Path, *, count=2, steps=25, seed=0):
