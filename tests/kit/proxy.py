@@ -10,11 +10,15 @@ the S3 server, in threads of the test process. Per request it can:
   stall              forward, then send nothing for `stall_s` seconds and close
   stall-body         forward, send headers and half the body, stall `stall_s`, close
   strip-conditional  forward without If-None-Match / If-Match (a store that ignores conditional writes)
+  tear               a GET answered with the first half of the object and a matching Content-Length, no
+                     checksum: a torn read of a store without atomic PUT (`state.tear(match, times)`)
 
 Faults come from rules (`Rule(match, action, times)`: the first rule that matches and has times left)
 and/or a seeded random mode (`state.chaos`). `state.strip_conditional` strips the conditional headers
 of every request; `state.delay_s` adds latency to every request (widens the windows a kill -9 can land
-in). Every request is logged as (method, path, action), so tests can count requests and faults.
+in). Every request is logged as (method, path, action), and its headers as sent (`state.requests`,
+`state.conditional()`), so tests can count requests and faults and see which conditional headers a client
+sent. Headers are forwarded untouched unless stripped, so SigV4 signatures stay valid in front of Ceph RGW too.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-ACTIONS = ("500", "503", "reset", "drop", "truncate", "corrupt", "stall", "stall-body", "strip-conditional")
+ACTIONS = ("500", "503", "reset", "drop", "truncate", "corrupt", "stall", "stall-body", "strip-conditional", "tear")
 
 
 @dataclass
@@ -52,6 +56,7 @@ class ProxyState:
     delay_s: float = 0.0
     stall_s: float = 2.0
     log: list[tuple[str, str, str | None]] = field(default_factory=list)
+    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # (method, path, headers sent)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def take(self, method: str, path: str) -> str | None:
@@ -69,10 +74,29 @@ class ProxyState:
             self.log.append((method, path, action))
             return action
 
-    def count(self, method: str | None = None) -> int:
-        """Requests seen so far (of `method`, or all)."""
+    def count(self, method: str | None = None, contains: str = "") -> int:
+        """Requests seen so far (of `method`, or all; whose path contains `contains`)."""
         with self.lock:
-            return sum(1 for m, _, _ in self.log if method is None or m == method)
+            return sum(1 for m, p, _ in self.log if (method is None or m == method) and contains in p)
+
+    def tear(self, match: Callable[[str], bool], times: int = 1) -> None:
+        """The next `times` GETs whose path `match`es get the first half of the object's body with a matching
+        Content-Length and no checksum header: what a store without atomic PUT returns when read during a write
+        (a torn read). Unlike a connection cut mid-body, the client cannot tell from the framing; only parsing
+        finds it."""
+        with self.lock:
+            self.rules.append(Rule(lambda m, p: m == "GET" and match(p), "tear", times))
+
+    @property
+    def torn(self) -> int:
+        return self.injected().get("tear", 0)
+
+    def conditional(self, method: str = "PUT", since: int = 0) -> list[tuple[str, str, str]]:
+        """(path, header, value) of every If-None-Match / If-Match the client sent with `method`, from request
+        number `since` on."""
+        with self.lock:
+            return [(p, k.lower(), v) for m, p, h in self.requests[since:] if m == method for k, v in h.items()
+                    if k.lower() in ("if-none-match", "if-match")]
 
     def injected(self) -> dict[str, int]:
         """Faults injected so far, by action."""
@@ -149,6 +173,9 @@ def _handler(state: ProxyState):
             if action == "corrupt" and self.command == "PUT" and body:
                 body = _flip_middle(body)  # wrong bytes on the way in: the request body is altered
             headers = {k: v for k, v in self.headers.items() if k.lower() not in ("transfer-encoding", "connection")}
+            with state.lock:
+                state.requests.append((self.command, self.path, {k: v for k, v in headers.items()
+                                                                 if k.lower() != "content-length"}))
             if body or self.command in ("PUT", "POST"):
                 headers["Content-Length"] = str(len(body))
             if action == "strip-conditional" or state.strip_conditional:
@@ -158,19 +185,24 @@ def _handler(state: ProxyState):
                 conn.request(self.command, self.path, body=body or None, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                resp_headers = resp.getheaders()
             finally:
                 conn.close()
+            if action == "tear" and resp.status == 200 and data:
+                data = data[: len(data) // 2]  # a half-written object has no checksum to send either
+                resp_headers = [(k, v) for k, v in resp_headers if not k.lower().startswith("x-amz-checksum")]
             if action == "drop":
                 return reset_connection(self)
             if action == "stall":
                 time.sleep(state.stall_s)
                 return reset_connection(self)
             self.send_response(resp.status, resp.reason)
-            for k, v in resp.getheaders():
+            for k, v in resp_headers:
                 if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
                     self.send_header(k, v)
             if self.command == "HEAD":  # no body: pass the object's length through
-                self.send_header("Content-Length", resp.getheader("Content-Length") or "0")
+                length = {k.lower(): v for k, v in resp_headers}.get("content-length", "0")
+                self.send_header("Content-Length", length)
                 self.end_headers()
                 return
             self.send_header("Content-Length", str(len(data)))

@@ -34,7 +34,6 @@ from tests.kit.proxy import Rule, fault_proxy
 from tests.kit.runner import pfx, pfx_env
 from tests.kit.s3 import moto_server, new_bucket
 from tests.kit.servers import S3RVER_ENV, rgw_skip_reason, s3rver_skip_reason, shared_rgw, shared_s3rver
-from tests.kit.spyproxy import spy_proxy
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 
@@ -206,7 +205,7 @@ def test_s3rver_is_refused_with_exit_10_and_the_hint_works_as_printed(tmp_path, 
     creds.write_text("[s3rver]\naws_access_key_id = S3RVER\naws_secret_access_key = S3RVER\n")
     home = tmp_path / "pub"
     env = pfx_env(home, AWS_SHARED_CREDENTIALS_FILE=str(creds))  # env keys are test/test: only the profile works
-    with spy_proxy(s3rver.endpoint) as (ep, spy):
+    with fault_proxy(s3rver.endpoint) as (ep, spy):
         p = pfx(home, "remote", "add", "solo", url, "--endpoint-url", ep, "--profile", "s3rver", env=env, check=True)
         assert "IGNORED (a second create of the same key overwrote the first)" in p.stdout
         assert "IGNORED (a swap with a stale ETag overwrote the document)" in p.stdout
@@ -291,7 +290,7 @@ def test_failed_probe_is_never_recorded_and_the_next_publish_probes_again(tmp_pa
 
 def test_torn_reads_of_index_documents_are_read_again(tmp_path, s3_url):
     url = f"s3://{new_bucket(s3_url)}/reg"
-    with spy_proxy(s3_url) as (ep, spy):
+    with fault_proxy(s3_url) as (ep, spy):
         pub = Home.open(tmp_path / "pub", offline=False)
         pub.add_remote("s3", url, endpoint_url=ep)
         add_concept(pub, tmp_path, "jug", "1.0.0")

@@ -27,7 +27,6 @@ from tests.kit.proxy import Rule, fault_proxy
 from tests.kit.runner import pfx, pfx_env, start_pfx
 from tests.kit.s3 import new_bucket
 from tests.kit.servers import S3RVER_ENV, rgw_skip_reason, s3rver_skip_reason, shared_rgw, shared_s3rver
-from tests.kit.spyproxy import spy_proxy
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 
@@ -72,7 +71,7 @@ def test_single_writer_on_s3rver_sends_no_conditional_header_yet_checks(tmp_path
     bucket = f"pfx-{os.urandom(6).hex()}"
     s3rver.client().create_bucket(Bucket=bucket)
     url = f"s3://{bucket}/reg"
-    with spy_proxy(s3rver.endpoint) as (ep, spy):
+    with fault_proxy(s3rver.endpoint) as (ep, spy):
         h = Home.open(tmp_path / "h", offline=False)
         h.add_remote("solo", url, endpoint_url=ep, single_writer=True)
         for i in range(2):
@@ -101,7 +100,7 @@ def test_single_writer_on_s3rver_sends_no_conditional_header_yet_checks(tmp_path
 
 def test_single_writer_on_rgw_still_sends_every_conditional_header(tmp_path, rgw):
     url = f"s3://{new_bucket(rgw.endpoint)}/reg"
-    with spy_proxy(rgw.endpoint) as (ep, spy):
+    with fault_proxy(rgw.endpoint) as (ep, spy):
         h = Home.open(tmp_path / "h", offline=False)
         h.add_remote("solo", url, endpoint_url=ep, single_writer=True)
         for i in range(2):
