@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from perfusion_hub.errors import BadInput
+from perfusion_hub.render import RenderResult, ensure_loaded, known_concepts, render_params
 from perfusion_hub.rows import RowSet
 
 
@@ -72,8 +73,6 @@ def prepare(rt, request: RenderRequest) -> Prepared:
     """Parse a request's prompt against the loaded concepts and settle its gates as render() does (an explicit
     beta/tau, else the concept file's default). Raises BadInput for what render() refuses."""
     from perfusion_hub.prompts import parse_prompt
-    from perfusion_hub.render import known_concepts
-
     if request.count < 1:
         raise BadInput("count must be at least 1")
     parsed = parse_prompt(request.prompt, known_concepts(rt), list(request.with_names))
@@ -136,8 +135,6 @@ def render_batch(
     means.
     """
     from perfusion_hub.loaders import runtime_of
-    from perfusion_hub.render import RenderResult, ensure_loaded
-
     if not requests:
         return []
     pipe = base.pipe
@@ -185,14 +182,9 @@ def render_batch(
     results, at = [], 0
     for p in preps:
         n = p.request.count
-        params = {
-            "prompt": p.request.prompt, "text": p.parsed.text, "seed": p.request.seed, "steps": steps,
-            "guidance": guidance, "base": base.name, "base_digest": base.digest, "global_lock": False,
-            "size": size, "negative_prompt": p.request.negative_prompt or "",
-            "concepts": {n_: {"beta": b, "tau": t, "version": rt.concepts[n_].metadata.get("version"),
-                              "digest": rt.concepts[n_].metadata.get("file_digest", "")}
-                         for n_, (b, t) in p.gates.items()},
-        }
+        params = render_params(base, p.request.prompt, p.parsed.text, seed=p.request.seed, steps=steps,
+                               guidance=guidance, size=size, negative_prompt=p.request.negative_prompt,
+                               global_lock=False, gates=dict(p.gates))
         results.append(RenderResult(images[at:at + n], p.parsed.text, list(p.parsed.concepts), params))
         at += n
     return results

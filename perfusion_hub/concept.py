@@ -548,9 +548,11 @@ def concept_bytes(concept: Concept, *, dtype: str = "fp32") -> bytes:
     for k, v in items.items():
         t = v.detach().to("cpu", torch_dtype).contiguous()
         tensors[k] = (code, tuple(t.shape), t.view(torch.uint8).numpy().tobytes())
-    # The card's ModelSpec keys (title, trigger phrase, architecture...) and the tensor-content hash.
-    meta = _card.apply_card(meta)
-    meta = _card.stamp_hash(meta, b"".join(tensors[k][2] for k in sorted(tensors)))
+    # A concept with a card (train writes one: perfusion_hub.card) gets the hash of the tensors written here; one
+    # without (a file from before cards, re-serialized) stays byte for byte what it was.
+    if any(k.startswith("modelspec.") for k in meta):
+        meta.pop("modelspec.hash_sha256", None)
+        meta = _card.stamp_hash(meta, b"".join(tensors[k][2] for k in sorted(tensors)))
     data = serialize_safetensors(tensors, meta)
     read_header_bytes(data)  # never write a file we would refuse to read
     return data

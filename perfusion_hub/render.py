@@ -105,7 +105,7 @@ def render(
             t = tau.get(name, float(s.metadata.get("tau", s.tau)))
             if (s.beta, s.tau) != (b, t):
                 rt.set_gate(name, beta=b, tau=t)
-            gates[name] = {"beta": b, "tau": t}
+            gates[name] = (b, t)
         rt.activate(parsed.concepts)
     try:
         if parsed.concepts and global_lock:
@@ -127,15 +127,25 @@ def render(
         if rt is not None:
             rt.set_global_lock(None)
             rt.activate(None)
-    params = {
-        "prompt": prompt, "text": parsed.text, "seed": seed, "steps": steps, "guidance": guidance,
-        "base": base.name, "base_digest": base.digest, "global_lock": global_lock, "size": size,
-        "sampler": type(pipe.scheduler).__name__,
-        "negative_prompt": negative_prompt or "",
-        "concepts": {n: dict(gates.get(n, {}), version=rt.concepts[n].metadata.get("version"),
-                             digest=rt.concepts[n].metadata.get("file_digest", "")) for n in parsed.concepts},
-    }
+    params = render_params(base, prompt, parsed.text, seed=seed, steps=steps, guidance=guidance, size=size,
+                           negative_prompt=negative_prompt, global_lock=global_lock,
+                           gates=gates)
     return RenderResult(out.images, parsed.text, parsed.concepts, params)
+
+
+def render_params(base, prompt: str, text: str, *, seed: int, steps: int, guidance: float, size: int,
+                  negative_prompt: str | None, global_lock: bool, gates: dict[str, tuple[float, float]]) -> dict:
+    """What a rendered PNG records (its text chunks), so the image can be reproduced; `gates`: name -> (beta,
+    tau) of every concept the prompt used. One function for render() and render_batch()."""
+    rt = runtime_of(base.pipe)
+    return {
+        "prompt": prompt, "text": text, "seed": seed, "steps": steps, "guidance": guidance,
+        "base": base.name, "base_digest": base.digest, "global_lock": global_lock, "size": size,
+        "sampler": type(base.pipe.scheduler).__name__,
+        "negative_prompt": negative_prompt or "",
+        "concepts": {n: {"beta": b, "tau": t, "version": rt.concepts[n].metadata.get("version"),
+                         "digest": rt.concepts[n].metadata.get("file_digest", "")} for n, (b, t) in gates.items()},
+    }
 
 
 def beta_grid(base, prompt: str, betas: list[float], *, concepts, covariance, **kw):

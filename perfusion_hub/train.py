@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from perfusion_hub.card import apply_card
 from perfusion_hub.concept import (
     FORMAT,
     Concept,
@@ -634,7 +635,7 @@ def concept_metadata(name, version, superclass, trigger, base, cov, cfg, photos,
     text = TextEncoders.of(base.pipe)
     if text.pooled:
         training["pooled"] = "superclass"  # the pooled policy (perfusion_hub.text)
-    return {
+    return apply_card({  # with the card's ModelSpec defaults (title, trigger phrase, architecture...)
         **family_metadata(text.family, text.widths),
         "format": FORMAT, "format_version": format_version_for(text.family), "name": name, "version": version,
         "superclass": superclass, "trigger": trigger, "base_name": base.name, "base_digest": base.digest,
@@ -642,7 +643,7 @@ def concept_metadata(name, version, superclass, trigger, base, cov, cfg, photos,
         "beta": repr(cfg.beta), "tau": repr(cfg.tau), "key_lock": "local", "training": json.dumps(training, sort_keys=True),
         "created": datetime.now(UTC).replace(microsecond=0).isoformat(), "license": license,
         "description": description, "pfx_version": __version__,
-    }
+    })
 
 
 def _embedding_name(k: int) -> str:

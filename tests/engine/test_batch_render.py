@@ -131,11 +131,11 @@ def test_other_images_concepts_do_not_affect_an_image_bitwise(loaded):
 
 def test_edited_kv_are_computed_once_per_batch_and_per_concept_set(loaded, monkeypatch):
     """Rows with the same concepts and gates are edited together, once per batch (not per step)."""
-    import perfusion_hub.batch as batch_mod
+    import perfusion_hub.rows as rows_mod
 
     calls = []
-    real = batch_mod.edited_projection
-    monkeypatch.setattr(batch_mod, "edited_projection", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
+    real = rows_mod.edited_projection
+    monkeypatch.setattr(rows_mod, "edited_projection", lambda *a, **k: calls.append(a[1].shape[0]) or real(*a, **k))
     reqs = [RenderRequest("a photo of <c0>", seed=1), RenderRequest("<c0> on a chair", seed=2),
             RenderRequest("a photo of <c1>", seed=3), RenderRequest("a photo of a dog", seed=4)]
     got = render_batch(loaded, reqs, steps=3, output_type="latent")

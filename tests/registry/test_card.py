@@ -61,12 +61,16 @@ def data_section_sha256(data: bytes) -> str:
 
 
 def test_pfx_written_files_carry_modelspec_keys_and_the_tensor_hash():
+    """A concept with a card (what `pfx train` writes: train.concept_metadata applies the card's defaults) is
+    written with the ModelSpec keys and the hash of the tensors written; one without a card (a file from before
+    cards) is written back byte for byte (tests/engine/test_sd2.py)."""
     import torch
 
+    from perfusion_hub.card import apply_card
     from perfusion_hub.concept import Concept
     from perfusion_hub.concept import concept_bytes as write
 
-    c = Concept(metadata=read_header_bytes(concept_bytes("cat-mittens")).metadata,
+    c = Concept(metadata=apply_card(read_header_bytes(concept_bytes("cat-mittens")).metadata),
                 token_embedding=torch.ones(8), target_input=torch.ones(8), superclass_input=torch.zeros(8),
                 value_targets={"down_blocks.0.attentions.0.transformer_blocks.0.attn2": torch.arange(4.0)})
     data = write(c)
