@@ -81,6 +81,28 @@ def s3_url(request):
 
 
 @pytest.fixture
+def rgw():
+    """The session's Ceph RGW (tests/kit/servers.py); skipped with the reason where Ceph is not installed."""
+    from tests.kit.servers import rgw_skip_reason, shared_rgw
+
+    if (why := rgw_skip_reason()) is not None:
+        pytest.skip(why)
+    return shared_rgw()
+
+
+@pytest.fixture
+def s3rver(monkeypatch):
+    """The session's s3rver (a store that ignores conditional headers), with its credentials in the environment."""
+    from tests.kit.servers import S3RVER_ENV, s3rver_skip_reason, shared_s3rver
+
+    if (why := s3rver_skip_reason()) is not None:
+        pytest.skip(why)
+    for k, v in S3RVER_ENV.items():
+        monkeypatch.setenv(k, v)
+    return shared_s3rver()
+
+
+@pytest.fixture
 def bucket(s3_url):
     """A fresh, empty bucket on the module's server."""
     return new_bucket(s3_url)

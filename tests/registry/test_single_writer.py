@@ -26,25 +26,9 @@ from tests.kit.concepts import add_concept
 from tests.kit.proxy import Rule, fault_proxy
 from tests.kit.runner import pfx, pfx_env, start_pfx
 from tests.kit.s3 import new_bucket
-from tests.kit.servers import S3RVER_ENV, rgw_skip_reason, s3rver_skip_reason, shared_rgw, shared_s3rver
+from tests.kit.servers import S3RVER_ENV
 
 pytestmark = pytest.mark.usefixtures("aws_env")
-
-
-@pytest.fixture
-def rgw():
-    if (why := rgw_skip_reason()) is not None:
-        pytest.skip(why)
-    return shared_rgw()
-
-
-@pytest.fixture
-def s3rver(monkeypatch):
-    if (why := s3rver_skip_reason()) is not None:
-        pytest.skip(why)
-    for k, v in S3RVER_ENV.items():
-        monkeypatch.setenv(k, v)
-    return shared_s3rver()
 
 
 def _server(request, kind: str) -> tuple[str, str, dict, list[str]]:
