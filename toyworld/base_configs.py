@@ -1,7 +1,7 @@
-"""Write the SDXL base 1.0 and SD2.1 (768, v-prediction) architecture configs that pfx ships without weights.
+"""Write the SD1.5, SDXL base 1.0 and SD2.1 (768, v-prediction) architecture configs that pfx ships without weights.
 
-``python -m toyworld.base_configs`` writes ``perfusion_hub/data/sdxl/`` and ``perfusion_hub/data/sd2/`` (the SD1.5
-folder is written by ``toyworld.build.write_sd15_configs``). They serve two purposes, exactly as ``data/sd15``:
+``python -m toyworld.base_configs`` writes ``perfusion_hub/data/sd15/``, ``data/sdxl/`` and ``data/sd2/`` (the toy
+base's build, ``python -m toyworld.build``, writes the SD1.5 folder too). They serve two purposes:
 
 * single-file checkpoints load offline: ``StableDiffusionXLPipeline.from_single_file(ckpt, config=<data/sdxl>,
   tokenizer=..., tokenizer_2=..., local_files_only=True)`` (``StableDiffusionPipeline`` with ``data/sd2``);
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from perfusion_hub.bases import DATA as DATA_DIR
 
+SD15_DIR = DATA_DIR / "sd15"
 SDXL_DIR = DATA_DIR / "sdxl"
 SD2_DIR = DATA_DIR / "sd2"
 
@@ -162,21 +163,21 @@ Written by python -m toyworld.base_configs.
 """
 
 
-def _dump_json(path: Path, obj) -> None:
+def dump_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_sdxl_configs(out: Path = SDXL_DIR) -> Path:
     out = Path(out)
-    _dump_json(out / "model_index.json", SDXL_MODEL_INDEX)
-    _dump_json(out / "unet" / "config.json", SDXL_UNET)
-    _dump_json(out / "vae" / "config.json", SDXL_VAE)
-    _dump_json(out / "text_encoder" / "config.json", SDXL_TEXT)
-    _dump_json(out / "text_encoder_2" / "config.json", SDXL_TEXT_2)
-    _dump_json(out / "scheduler" / "scheduler_config.json", SDXL_SCHEDULER)
-    _dump_json(out / "tokenizer" / "tokenizer_config.json", _CLIP_TOKENIZER)
-    _dump_json(out / "tokenizer_2" / "tokenizer_config.json", _OPENCLIP_TOKENIZER)
+    dump_json(out / "model_index.json", SDXL_MODEL_INDEX)
+    dump_json(out / "unet" / "config.json", SDXL_UNET)
+    dump_json(out / "vae" / "config.json", SDXL_VAE)
+    dump_json(out / "text_encoder" / "config.json", SDXL_TEXT)
+    dump_json(out / "text_encoder_2" / "config.json", SDXL_TEXT_2)
+    dump_json(out / "scheduler" / "scheduler_config.json", SDXL_SCHEDULER)
+    dump_json(out / "tokenizer" / "tokenizer_config.json", _CLIP_TOKENIZER)
+    dump_json(out / "tokenizer_2" / "tokenizer_config.json", _OPENCLIP_TOKENIZER)
     (out / "README.md").write_text(README.format(
         title="SDXL base 1.0", source="stabilityai/stable-diffusion-xl-base-1.0", pipeline="StableDiffusionXLPipeline",
         tokenizers="tokenizer=<CLIPTokenizer>, tokenizer_2=<CLIPTokenizer>", tok2="/--tokenizer-2", arch="sdxl"),
@@ -186,12 +187,12 @@ def write_sdxl_configs(out: Path = SDXL_DIR) -> Path:
 
 def write_sd2_configs(out: Path = SD2_DIR) -> Path:
     out = Path(out)
-    _dump_json(out / "model_index.json", SD2_MODEL_INDEX)
-    _dump_json(out / "unet" / "config.json", SD2_UNET)
-    _dump_json(out / "vae" / "config.json", SD2_VAE)
-    _dump_json(out / "text_encoder" / "config.json", SD2_TEXT)
-    _dump_json(out / "scheduler" / "scheduler_config.json", SD2_SCHEDULER)
-    _dump_json(out / "tokenizer" / "tokenizer_config.json", _OPENCLIP_TOKENIZER)
+    dump_json(out / "model_index.json", SD2_MODEL_INDEX)
+    dump_json(out / "unet" / "config.json", SD2_UNET)
+    dump_json(out / "vae" / "config.json", SD2_VAE)
+    dump_json(out / "text_encoder" / "config.json", SD2_TEXT)
+    dump_json(out / "scheduler" / "scheduler_config.json", SD2_SCHEDULER)
+    dump_json(out / "tokenizer" / "tokenizer_config.json", _OPENCLIP_TOKENIZER)
     (out / "README.md").write_text(README.format(
         title="SD2.1 (768x768, v-prediction)", source="stabilityai/stable-diffusion-2-1",
         pipeline="StableDiffusionPipeline", tokenizers="tokenizer=<CLIPTokenizer>", tok2="", arch="sd2"),
@@ -199,6 +200,125 @@ def write_sd2_configs(out: Path = SD2_DIR) -> Path:
     return out
 
 
+
+
+# --------------------------------------------------------------------------------------------------
+# SD1.5 full-size configs (architecture only; no weights, no vocabulary)
+# --------------------------------------------------------------------------------------------------
+SD15_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SD15_VAE = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+SD15_TEXT = {
+    "architectures": ["CLIPTextModel"],
+    "model_type": "clip_text_model",
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-05,
+    "projection_dim": 768,
+    "attention_dropout": 0.0,
+    "dropout": 0.0,
+    "initializer_range": 0.02,
+    "initializer_factor": 1.0,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+    "torch_dtype": "float32",
+}
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+}
+SD15_TOKENIZER = {
+    "tokenizer_class": "CLIPTokenizer",
+    "model_max_length": 77,
+    "bos_token": "<|startoftext|>",
+    "eos_token": "<|endoftext|>",
+    "unk_token": "<|endoftext|>",
+    "pad_token": "<|endoftext|>",
+    "do_lower_case": True,
+    "errors": "replace",
+    "add_prefix_space": False,
+}
+SD15_MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": "0.6.0",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+SD15_README = """SD1.5 architecture configs (stable-diffusion-v1-5 values), shipped without weights or vocabulary.
+
+* Build the architecture with random weights: UNet2DConditionModel.from_config(json.load(open("unet/config.json"))),
+  AutoencoderKL.from_config(...), CLIPTextModel(CLIPTextConfig(**json.load(open("text_encoder/config.json")))).
+* Load a single-file checkpoint offline: StableDiffusionPipeline.from_single_file(ckpt, config=<this dir>,
+  tokenizer=<a CLIPTokenizer from elsewhere>, local_files_only=True, safety_checker=None).
+  tokenizer/ holds tokenizer_config.json only (no vocab.json / merges.txt).
+Written by python -m toyworld.build (write_sd15_configs).
+"""
+
+
+def write_sd15_configs(out: Path = SD15_DIR) -> Path:
+    out = Path(out)
+    dump_json(out / "model_index.json", SD15_MODEL_INDEX)
+    dump_json(out / "unet" / "config.json", SD15_UNET)
+    dump_json(out / "vae" / "config.json", SD15_VAE)
+    dump_json(out / "text_encoder" / "config.json", SD15_TEXT)
+    dump_json(out / "scheduler" / "scheduler_config.json", SD15_SCHEDULER)
+    dump_json(out / "tokenizer" / "tokenizer_config.json", SD15_TOKENIZER)
+    (out / "README.md").write_text(SD15_README, encoding="utf-8")
+    return out
+
+
 if __name__ == "__main__":
-    for path in (write_sdxl_configs(), write_sd2_configs()):
+    for path in (write_sd15_configs(), write_sdxl_configs(), write_sd2_configs()):
         print(f"wrote {path}", flush=True)

@@ -57,9 +57,9 @@ import numpy as np
 import torch
 
 from perfusion_hub.bases import DATA as DATA_DIR
+from toyworld.base_configs import dump_json, write_sd15_configs
 
 TOY_DIR = DATA_DIR / "toy"
-SD15_DIR = DATA_DIR / "sd15"
 
 IMAGE_SIZE = 64
 TEXT_SEED = 1
@@ -348,11 +348,6 @@ MODEL_INDEX = {
 }
 
 
-def _dump_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 def _model_index() -> dict:
     import diffusers
 
@@ -404,8 +399,8 @@ def build_toy(out: Path = TOY_DIR, skip_vae: bool = False, log=print) -> dict:
     unet.half().save_pretrained(str(out / "unet"), safe_serialization=True)
     vae.half().save_pretrained(str(out / "vae"), safe_serialization=True)
     sched.save_pretrained(str(out / "scheduler"))
-    _dump_json(out / "model_index.json", _model_index())
-    _dump_json(out / "pfx.json", PFX_SETTINGS)
+    dump_json(out / "model_index.json", _model_index())
+    dump_json(out / "pfx.json", PFX_SETTINGS)
     info = {
         "note": "written by python -m toyworld.build; do not edit",
         "tokenizer_vocab_size": len(tok),
@@ -414,127 +409,10 @@ def build_toy(out: Path = TOY_DIR, skip_vae: bool = False, log=print) -> dict:
         "vae": vae_info,
         "torch_version": torch.__version__.split("+")[0],
     }
-    _dump_json(info_path, info)
+    dump_json(info_path, info)
     write_sd15_configs()
     log(f"toy base written to {out} in {time.perf_counter() - t0:.0f}s")
     return info
-
-
-# --------------------------------------------------------------------------------------------------
-# SD1.5 full-size configs (architecture only; no weights, no vocabulary)
-# --------------------------------------------------------------------------------------------------
-SD15_UNET = {
-    "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-SD15_VAE = {
-    "_class_name": "AutoencoderKL",
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-}
-SD15_TEXT = {
-    "architectures": ["CLIPTextModel"],
-    "model_type": "clip_text_model",
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-05,
-    "projection_dim": 768,
-    "attention_dropout": 0.0,
-    "dropout": 0.0,
-    "initializer_range": 0.02,
-    "initializer_factor": 1.0,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "pad_token_id": 1,
-    "torch_dtype": "float32",
-}
-SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "trained_betas": None,
-    "prediction_type": "epsilon",
-}
-SD15_TOKENIZER = {
-    "tokenizer_class": "CLIPTokenizer",
-    "model_max_length": 77,
-    "bos_token": "<|startoftext|>",
-    "eos_token": "<|endoftext|>",
-    "unk_token": "<|endoftext|>",
-    "pad_token": "<|endoftext|>",
-    "do_lower_case": True,
-    "errors": "replace",
-    "add_prefix_space": False,
-}
-SD15_MODEL_INDEX = {
-    "_class_name": "StableDiffusionPipeline",
-    "_diffusers_version": "0.6.0",
-    "feature_extractor": [None, None],
-    "requires_safety_checker": False,
-    "safety_checker": [None, None],
-    "scheduler": ["diffusers", "PNDMScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
-SD15_README = """SD1.5 architecture configs (stable-diffusion-v1-5 values), shipped without weights or vocabulary.
-
-* Build the architecture with random weights: UNet2DConditionModel.from_config(json.load(open("unet/config.json"))),
-  AutoencoderKL.from_config(...), CLIPTextModel(CLIPTextConfig(**json.load(open("text_encoder/config.json")))).
-* Load a single-file checkpoint offline: StableDiffusionPipeline.from_single_file(ckpt, config=<this dir>,
-  tokenizer=<a CLIPTokenizer from elsewhere>, local_files_only=True, safety_checker=None).
-  tokenizer/ holds tokenizer_config.json only (no vocab.json / merges.txt).
-Written by python -m toyworld.build (write_sd15_configs).
-"""
-
-
-def write_sd15_configs(out: Path = SD15_DIR) -> Path:
-    out = Path(out)
-    _dump_json(out / "model_index.json", SD15_MODEL_INDEX)
-    _dump_json(out / "unet" / "config.json", SD15_UNET)
-    _dump_json(out / "vae" / "config.json", SD15_VAE)
-    _dump_json(out / "text_encoder" / "config.json", SD15_TEXT)
-    _dump_json(out / "scheduler" / "scheduler_config.json", SD15_SCHEDULER)
-    _dump_json(out / "tokenizer" / "tokenizer_config.json", SD15_TOKENIZER)
-    (out / "README.md").write_text(SD15_README, encoding="utf-8")
-    return out
 
 
 def write_covariance(folder: Path = TOY_DIR) -> Path:

@@ -9,9 +9,10 @@ import torch
 
 from perfusion_hub import arch
 from toyworld import build as toy_build
+from toyworld.base_configs import SD15_DIR
 
 TOY = toy_build.TOY_DIR
-SD15 = toy_build.SD15_DIR
+SD15 = SD15_DIR
 # Measured at build time on held-out procedural images (data/toy/build_info.json: vae.psnr_db);
 # the test allows a margin for a different CPU or a rebuilt VAE.
 VAE_PSNR_MIN_DB = 20.0
