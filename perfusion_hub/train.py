@@ -311,6 +311,24 @@ def prepare_training(base, photos_dir: str | Path, superclass: str, cfg: TrainCo
                         time_ids(base.resolution, 1, device, base.dtype) if pooled is not None else None)
 
 
+def base_defaults(cfg: TrainConfig, base) -> TrainConfig:
+    """`cfg` with what it leaves to the base filled in: the training templates and the embedding norm cap (a base
+    may ship its own, as the embedded toy base does; otherwise TEMPLATES and no cap)."""
+    pipe = base.pipe
+    if cfg.templates is None:
+        cfg = replace(cfg, templates=tuple(getattr(pipe, "_pfx_templates", None) or TEMPLATES))
+    if cfg.embedding_norm is None:
+        cfg = replace(cfg, embedding_norm=float(getattr(pipe, "_pfx_embedding_norm", 0.0)))
+    return cfg
+
+
+def micro_batch(cfg: TrainConfig, base) -> int:
+    """How many samples go through the UNet at once: cfg.micro_batch, or by default the whole batch of 16 on a GPU
+    (and for small bases), 4 elsewhere; never more than the batch."""
+    micro = cfg.micro_batch or (16 if torch.device(base.device).type == "cuda" or base.resolution <= 128 else 4)
+    return max(1, min(micro, cfg.batch_size))
+
+
 def denoising_loss(unet_fn, sched, data: TrainingData, step: int, sl: slice, ehs: torch.Tensor,
                    noise: torch.Tensor, eps: torch.Tensor, dtype, channels_last: bool = False) -> torch.Tensor:
     """The (masked) diffusion loss of samples `sl` of step `step`: their latents noised to their timesteps,
@@ -370,10 +388,7 @@ def train_concept(
     cfg = config or TrainConfig()
     t0 = time.perf_counter()
     pipe = base.pipe
-    if cfg.templates is None:
-        cfg = replace(cfg, templates=tuple(getattr(pipe, "_pfx_templates", None) or TEMPLATES))
-    if cfg.embedding_norm is None:
-        cfg = replace(cfg, embedding_norm=float(getattr(pipe, "_pfx_embedding_norm", 0.0)))
+    cfg = base_defaults(cfg, base)
     tok, unet, sched = pipe.tokenizer, pipe.unet, pipe.scheduler
     text = TextEncoders.of(pipe)
     device, dtype = torch.device(base.device), base.dtype
@@ -391,8 +406,7 @@ def train_concept(
         raise BadInput(f"token {trigger} is already in the tokenizer (a concept of that name is loaded)")
     data = prepare_training(base, photos_dir, superclass, cfg, _warn)
     i_super = data.i_super
-    micro = cfg.micro_batch or (16 if device.type == "cuda" or base.resolution <= 128 else 4)
-    micro = max(1, min(micro, cfg.batch_size))
+    micro = micro_batch(cfg, base)
     checkpointing = bool(cfg.gradient_checkpointing)
     was_checkpointing = bool(getattr(unet, "is_gradient_checkpointing", False))
 

@@ -30,11 +30,12 @@ from perfusion_hub.loaders import (
 )
 from perfusion_hub.processor import ConceptState, PerfusionRuntime, cross_attention_modules
 from perfusion_hub.train import (
-    TEMPLATES,
     EmbeddingOverride,
     TrainConfig,
+    base_defaults,
     concept_metadata,
     denoising_loss,
+    micro_batch,
     prepare_training,
     tokenize,
     train_concept,
@@ -91,15 +92,11 @@ def train_method(method: str, base, photos_dir, *, name: str, superclass: str, c
         return MethodResult(method, res.concept, res.path, res.losses, res.seconds)
     t0 = time.perf_counter()
     pipe = base.pipe
-    if cfg.templates is None:
-        cfg = replace(cfg, templates=tuple(getattr(pipe, "_pfx_templates", None) or TEMPLATES))
-    if cfg.embedding_norm is None:
-        cfg = replace(cfg, embedding_norm=float(getattr(pipe, "_pfx_embedding_norm", 0.0)))
+    cfg = base_defaults(cfg, base)
     tok, te, sched = pipe.tokenizer, pipe.text_encoder, pipe.scheduler
     device, dtype = torch.device(base.device), base.dtype
     data = prepare_training(base, photos_dir, superclass, cfg, lambda msg: None)
-    micro = max(1, min(cfg.micro_batch or (16 if device.type == "cuda" or base.resolution <= 128 else 4),
-                       cfg.batch_size))
+    micro = micro_batch(cfg, base)
     trigger = f"<{name}>"
     layers = cross_attention_modules(pipe.unet)
     restore = suspend(pipe)
