@@ -1,7 +1,8 @@
 """The default recipe's training step (SD1.5 architecture, random weights, batch 16, 512x512, bf16) under settings
 that may change its speed: eager or compiled (`fast`), cuDNN's autotuner (`bench`), channels-last in eager (`cl`),
-inductor's 1x1 convolutions as matrix products (`1x1mm`). Each variant's steady ms per step and its distance to the
-first eager run (same seed), then optionally a kernel profile of the compiled step by kind.
+inductor's 1x1 convolutions as matrix products (`1x1mm`), CUDA graphs (`graphs`: compile mode reduce-overhead). Each
+variant's steady ms per step and its distance to the first eager run (same seed), and (--profile) a kernel profile by
+kind of the first compiled variant.
 
     bash bench/gpu_setup.sh && python3 -u -m bench.train_settings --profile
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from datetime import date
@@ -83,6 +85,17 @@ def main():
         log(label, entry)
         out.write_text(json.dumps(res, indent=1))
 
+    def profile_step(v):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            wall, _ = engine.train_once(base, cov, photos, tmp / "profile.safetensors", 20, True)
+        total, kinds = kernel_kinds(prof.key_averages(), 20)
+        res["profile"] = {"variant": v, "gpu_kernel_ms_per_step": total, "by_kind": kinds,
+                          "wall_ms_per_step_under_profiler": round(1000 * wall / 20, 1)}
+        log("profile", res["profile"])
+        out.write_text(json.dumps(res, indent=1))
+
     variants = args.variants.split(",")
     for v in variants:
         torch.backends.cudnn.benchmark = "bench" in v
@@ -92,24 +105,15 @@ def main():
                 measure(v + "_warmup", False, 3)
             measure(v, False, args.steps)
         else:
-            if "1x1mm" in v:
-                torch._inductor.config.conv_1x1_as_mm = True
+            if "1x1mm" in v or "graphs" in v:
+                torch._inductor.config.conv_1x1_as_mm = "1x1mm" in v
+                os.environ["PFX_COMPILE_MODE"] = "reduce-overhead" if "graphs" in v else ""
                 torch._dynamo.reset()
             measure(v + "_first_compile", True, 3)
             measure(v, True, args.steps)
+            if args.profile and "profile" not in res:
+                profile_step(v)
     unet.to(memory_format=torch.contiguous_format)
-
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        torch.backends.cudnn.benchmark = False
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            wall, _ = engine.train_once(base, cov, photos, tmp / "profile.safetensors", 20, True)
-        total, kinds = kernel_kinds(prof.key_averages(), 20)
-        res["profile"] = {"gpu_kernel_ms_per_step": total, "by_kind": kinds,
-                          "wall_ms_per_step_under_profiler": round(1000 * wall / 20, 1)}
-        log("profile", res["profile"])
-        out.write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
