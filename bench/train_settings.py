@@ -1,8 +1,7 @@
 """The default recipe's training step (SD1.5 architecture, random weights, batch 16, 512x512, bf16) under settings
 that may change its speed: eager or compiled (`fast`), cuDNN's autotuner (`bench`), channels-last in eager (`cl`),
-inductor's 1x1 convolutions as matrix products (`1x1mm`), CUDA graphs (`graphs`: compile mode reduce-overhead). Each
-variant's steady ms per step and its distance to the first eager run (same seed), and (--profile) a kernel profile by
-kind of the first compiled variant.
+inductor's 1x1 convolutions as matrix products (`1x1mm`). Each variant's steady ms per step and its distance to the
+first eager run (same seed), and (--profile) a kernel profile by kind of the first compiled variant.
 
     bash bench/gpu_setup.sh && python3 -u -m bench.train_settings --profile
 
@@ -13,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from datetime import date
@@ -105,9 +103,8 @@ def main():
                 measure(v + "_warmup", False, 3)
             measure(v, False, args.steps)
         else:
-            if "1x1mm" in v or "graphs" in v:
-                torch._inductor.config.conv_1x1_as_mm = "1x1mm" in v
-                os.environ["PFX_COMPILE_MODE"] = "reduce-overhead" if "graphs" in v else ""
+            if "1x1mm" in v:
+                torch._inductor.config.conv_1x1_as_mm = True
                 torch._dynamo.reset()
             measure(v + "_first_compile", True, 3)
             measure(v, True, args.steps)

@@ -511,8 +511,6 @@ def train_concept(
                                 if m is not None:
                                     buf.copy_(m[tpl])
                             rt.position_masks = pos_buffers[b]
-                        if fast:  # a new step for CUDA graphs (PFX_COMPILE_MODE=reduce-overhead): replays may reuse memory
-                            torch.compiler.cudagraph_mark_step_begin()
                         loss = denoising_loss(unet_fn, sched, data, step, sl, enc_all[tpl], noise_all[sl],
                                               eps_all[sl], dtype, channels_last)
                         scaler(loss * (b / cfg.batch_size)).backward()
@@ -633,8 +631,7 @@ def _fast_unet(unet):
     """
     import os
 
-    return torch.compile(unet, dynamic=False, backend=os.environ.get("PFX_COMPILE_BACKEND", "inductor"),
-                         mode=os.environ.get("PFX_COMPILE_MODE") or None)
+    return torch.compile(unet, dynamic=False, backend=os.environ.get("PFX_COMPILE_BACKEND", "inductor"))
 
 
 def concept_metadata(name, version, superclass, trigger, base, cov, cfg, photos, license, description, step, losses):
