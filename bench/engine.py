@@ -58,6 +58,15 @@ def sync():
         torch.cuda.synchronize()
 
 
+def results_file(out_dir: str, stem: str, **fields) -> tuple[Path, dict]:
+    """Where a benchmark of this machine writes today (out_dir/<stem>-<device>-<date>.json, its folder made) and the
+    results dict it starts from: device, torch version, date and `fields`."""
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    path = Path(out_dir) / f"{stem}-{name.split()[-1].lower()}-{date.today().isoformat()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path, {"device": name, "torch": torch.__version__, "date": date.today().isoformat(), **fields}
+
+
 # SDXL- and SD2-shaped toy configs for CPU smoke runs: the shipped configs with small widths (same block layout)
 TOY_SHRINK = {
     "unet": {"block_out_channels": [32, 64, 64], "attention_head_dim": [2, 4, 4], "norm_num_groups": 8,

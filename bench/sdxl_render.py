@@ -17,7 +17,6 @@ import json
 import statistics
 import time
 import warnings
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -57,12 +56,8 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    name = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"
-    out = Path(args.out) / f"sdxl-render-{name.split()[-1].lower()}-{date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    res = {"device": name, "torch": torch.__version__, "date": date.today().isoformat(), "steps": args.steps}
+    out, res = engine.results_file(args.out, "sdxl-render", steps=args.steps)
     save = lambda: out.write_text(json.dumps(res, indent=1))
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
     base = engine.build_base(args.toy, dev, torch.bfloat16 if dev == "cuda" else torch.float32, "sdxl")
     cov = engine.covariance(base, 512)
@@ -88,10 +83,10 @@ def main():
     times = {k: [] for k in variants}
     for r in range(args.rounds):
         for k, fn in variants.items():
-            sync()
+            engine.sync()
             t = time.perf_counter()
             fn()
-            sync()
+            engine.sync()
             times[k].append(round(time.perf_counter() - t, 4))
         res["times_s"] = times
         print("round", r + 1, {k: v[-1] for k, v in times.items()}, flush=True)

@@ -14,7 +14,6 @@ import argparse
 import json
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -50,11 +49,8 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    name = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu"
-    out = Path(args.out) / f"train-settings-{name.split()[-1].lower()}-{date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    res = {"device": name, "torch": torch.__version__, "date": date.today().isoformat(), "steps": args.steps,
-           "recipe": "400 steps, batch 16, 512x512, bf16, 8 photos; ms per step steady (between loss reports)"}
+    out, res = engine.results_file(args.out, "train-settings", steps=args.steps, recipe=(
+        "400 steps, batch 16, 512x512, bf16, 8 photos; ms per step steady (between loss reports)"))
     t0 = time.perf_counter()
 
     def log(*a):
