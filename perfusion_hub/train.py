@@ -12,6 +12,9 @@ deterministic on CPU and a resumed run continues exactly where the checkpoint le
 number of CPU threads (torch.get_num_threads(): runs on 1 and on 2 threads differ in the last bits, since
 reductions split their work by thread). A run leaves the pipeline as it found it (the text encoder's token
 embeddings included: SavedEmbeddings), except that the base's weights are left frozen.
+`fast=True` compiles the UNet, channels-last on CUDA, and gives its frozen convolutions a backward that computes
+the input gradient alone as a transposed convolution (input_grad_convolutions), so no layout copies run around
+cuDNN's calls in the backward.
 
 Precision: in fp16 the loss is scaled dynamically (`_LossScale`) so that the small gradients flowing back
 through the fp16 UNet do not underflow; fp32 and bf16 runs are not scaled (bf16 has fp32's range).
@@ -421,6 +424,7 @@ def train_concept(
         raise
     rt = None
     hooks: list[EmbeddingOverride] = []
+    restore_convs = None
     try:
         token_ids = text.token_ids(trigger)
         token_id = token_ids[0]
@@ -465,6 +469,7 @@ def train_concept(
         if fast:
             if channels_last:
                 unet.to(memory_format=torch.channels_last)
+            restore_convs = input_grad_convolutions(unet)
             unet_fn = _fast_unet(unet)
         # Reading a loss back waits for the GPU; on CUDA do it every few steps so the host keeps queueing.
         report_every = 10 if device.type == "cuda" else 1
@@ -552,6 +557,8 @@ def train_concept(
     finally:
         for h in hooks:
             h.remove()
+        if restore_convs is not None:
+            restore_convs()
         if rt is not None:
             rt.uninstall()
         if checkpointing and not was_checkpointing:
@@ -620,6 +627,54 @@ def sampling_plan(cfg: TrainConfig, n_images: int, n_timesteps: int) -> dict[str
         "image": torch.randint(n_images, shape, generator=g),
         "timestep": torch.randint(0, n_timesteps, shape, generator=g),
     }
+
+
+class _InputGradConv2d(torch.autograd.Function):
+    """conv2d of frozen weights whose backward computes the input gradient alone, as the transposed convolution of
+    the channels-last output gradient.
+
+    Why: torch's own convolution backward reaches cuDNN with the output gradient in whatever layout the compiled
+    graph's tracing gave it (NCHW after group norms), and cuDNN's wrapper then copies it to channels-last before
+    every call. As a transposed convolution in the graph, the layout change is one more graph operation that the
+    compiler fuses into the kernel producing the gradient. Same math (the adjoint of the forward convolution)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(weight)
+        ctx.geometry = (stride, padding, dilation, groups, tuple(x.shape[-2:]))
+        return torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        stride, padding, dilation, groups, size = ctx.geometry
+        # the input rows and columns that the forward's striding left out come back as output padding
+        extra = [size[i] - ((grad.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1)
+                            + 1) for i in range(2)]
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        dx = torch.nn.functional.conv_transpose2d(grad, weight, None, stride, padding, extra, groups, dilation)
+        return dx, None, None, None, None, None, None
+
+
+class _FrozenConv2d(torch.nn.Conv2d):
+    def _conv_forward(self, input, weight, bias):
+        return _InputGradConv2d.apply(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def input_grad_convolutions(module: torch.nn.Module) -> Callable[[], None]:
+    """Make the frozen, zero-padded Conv2d modules of `module` compute their backward as _InputGradConv2d does
+    (their forward is unchanged); returns the function that puts them back. Used by `fast=True` training."""
+    convs = [m for m in module.modules() if type(m) is torch.nn.Conv2d and m.padding_mode == "zeros"
+             and not isinstance(m.padding, str) and not m.weight.requires_grad
+             and (m.bias is None or not m.bias.requires_grad)]
+    for m in convs:
+        m.__class__ = _FrozenConv2d
+
+    def restore():
+        for m in convs:
+            m.__class__ = torch.nn.Conv2d
+
+    return restore
 
 
 def _fast_unet(unet):

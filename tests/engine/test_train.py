@@ -167,6 +167,43 @@ def test_fast_path_matches_plain_path_for_one_step(clean_base, toy_cov, tmp_path
         torch.testing.assert_close(fast.concept.tensors()[k], t, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("geometry", [
+    {"kernel_size": 3, "padding": 1},
+    {"kernel_size": 3, "padding": 1, "stride": 2},  # a downsampler: its even input height needs output padding
+    {"kernel_size": 1},
+    {"kernel_size": 3, "padding": 2, "dilation": 2, "groups": 2},
+])
+def test_fast_training_convolutions_backpropagate_the_input_gradient_of_plain_ones(geometry):
+    from perfusion_hub.train import input_grad_convolutions
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 6, **geometry), torch.nn.SiLU(), torch.nn.Conv2d(6, 4, 3, padding=1))
+    net.requires_grad_(False)
+    x = torch.randn(2, 4, 8, 11, requires_grad=True)
+    grad_out = None
+
+    def input_grad():
+        nonlocal grad_out
+        y = net(x)
+        grad_out = torch.randn_like(y) if grad_out is None else grad_out
+        (gx,) = torch.autograd.grad(y, x, grad_out)
+        return y, gx
+
+    y0, g0 = input_grad()
+    restore = input_grad_convolutions(net)
+    assert all(type(m).__name__ == "_FrozenConv2d" for m in net if isinstance(m, torch.nn.Conv2d))
+    y1, g1 = input_grad()
+    restore()
+    assert all(type(m) is torch.nn.Conv2d for m in net if isinstance(m, torch.nn.Conv2d))
+    assert torch.equal(y1, y0)  # the forward is the same call
+    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6)
+    # a trainable convolution keeps torch's backward (its weight gradient is needed)
+    net[0].weight.requires_grad_(True)
+    restore = input_grad_convolutions(net)
+    assert type(net[0]) is torch.nn.Conv2d
+    restore()
+
+
 def test_two_process_data_parallel_equals_one_process(toy_base, toy_cov, tmp_path):
     """`pfx train --devices 2` on CPU (gloo): the same concept as one process, up to summation order."""
     from perfusion_hub.concept import load_concept
