@@ -1,7 +1,13 @@
 """The default recipe's training step (SD1.5 architecture, random weights, batch 16, 512x512, bf16) under settings
-that may change its speed: eager or compiled (`fast`), cuDNN's autotuner (`bench`), channels-last in eager (`cl`),
-inductor's 1x1 convolutions as matrix products (`1x1mm`). Each variant's steady ms per step and its distance to the
-first eager run (same seed), and (--profile) a kernel profile by kind of the first compiled variant.
+that may change its speed. A variant is eager or compiled (`fast`, what `pfx train` does on a GPU) plus options:
+  _bench        cuDNN's autotuner
+  _cl           channels-last UNet (eager; `fast` is always channels-last)
+  _1x1mm        inductor's 1x1 convolutions as matrix products
+  _forcelayout  inductor's layout optimization forced on (its heuristics turn it off for this UNet)
+  _plainconv    torch's own convolution backward instead of `train.input_grad_convolutions` (the product before it)
+Each variant's steady ms per step and its distance to the first eager run (same seed), and (--profile) for each
+compiled variant the GPU kernel time of 20 steady steps (a 30-step run's profile minus a 10-step run's, so setup
+and compile drop out) by kind, its top kernels, and the device time of chosen aten ops (copies, convolutions).
 
     bash bench/gpu_setup.sh && python3 -u -m bench.train_settings --profile
 
@@ -11,33 +17,38 @@ Results: results/train-settings-<device>-<date>.json (rewritten after every vari
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch._dynamo
 import torch._inductor.config
 
 from bench import engine
+from perfusion_hub import train
 
-VARIANTS = "eager,eager_bench,eager_cl_bench,fast,fast_bench,fast_1x1mm"
+VARIANTS = "eager,eager_bench,eager_cl_bench,fast,fast_bench,fast_1x1mm,fast_forcelayout,fast_plainconv"
+OPS = ("aten::copy_", "aten::convolution_backward", "aten::cudnn_convolution", "aten::cudnn_convolution_transpose",
+       "aten::_cudnn_attention_forward", "aten::_cudnn_attention_backward", "aten::mm", "aten::addmm")
 
 
-def kernel_kinds(events, steps: int) -> tuple[float, dict]:
-    """GPU kernel ms per step, in total and by kind, from torch.profiler's key averages."""
-    kernels = [e for e in events if e.device_type.name == "CUDA"]
+def kernel_kinds(kernels: dict[str, float]) -> dict[str, float]:
+    """ms by kind from {kernel name: ms}."""
     kinds: dict[str, float] = {}
-    for e in kernels:
-        n = e.key.lower()
-        kind = ("attention" if any(x in n for x in ("sdpa", "flash", "fmha", "attention", "dot_do_o")) else
+    for name, ms in kernels.items():
+        n = name.lower()
+        kind = ("attention" if any(x in n for x in ("sdpa", "flash", "fmha", "attention", "dot_do_o", "dq_to")) else
                 "convolution" if any(x in n for x in ("xmma", "conv", "implicit", "nhwc", "nchw")) else
                 "matrix product" if any(x in n for x in ("nvjet", "gemm", "cutlass", "sm90")) else
-                "fused elementwise/norm (triton)" if "triton" in n else "other")
-        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1000 / steps
-    total = sum(kinds.values())
-    return round(total, 1), {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+                "fused elementwise/norm (triton)" if "triton" in n else
+                "copies (aten elementwise)" if "elementwise_kernel" in n else "other")
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    return {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
 
 
 def main():
@@ -45,7 +56,7 @@ def main():
     ap.add_argument("--toy", action="store_true", help="CPU smoke run on the toy configs")
     ap.add_argument("--steps", type=int, default=40, help="steps per measured run")
     ap.add_argument("--variants", default=VARIANTS)
-    ap.add_argument("--profile", action="store_true", help="then profile 20 compiled steps (GPU kernels by kind)")
+    ap.add_argument("--profile", action="store_true", help="profile 20 steady steps of each compiled variant")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,6 +82,9 @@ def main():
         entry = {"total_s": round(total, 2)}
         if ex:
             entry.update(ms_per_step=round(1000 * ex["per_step_s"], 1), steps_400_s=ex["extrapolated_400_steps_s"])
+            # between reports (every 10 steps): shows a run that slows down as it goes
+            entry["ms_per_step_by_report"] = [round(1000 * (t1 - t0) / (s1 - s0), 1)
+                                              for (s0, t0), (s1, t1) in itertools.pairwise(marks)]
         if ref is None and not fast and steps == args.steps:
             ref = run
         elif ref is not None and len(ref.losses) == len(run.losses):
@@ -79,33 +93,54 @@ def main():
         log(label, entry)
         out.write_text(json.dumps(res, indent=1))
 
-    def profile_step(v):
+    def steady_profile(v):
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            wall, _ = engine.train_once(base, cov, photos, tmp / "profile.safetensors", 20, True)
-        total, kinds = kernel_kinds(prof.key_averages(), 20)
-        res["profile"] = {"variant": v, "gpu_kernel_ms_per_step": total, "by_kind": kinds,
-                          "wall_ms_per_step_under_profiler": round(1000 * wall / 20, 1)}
-        log("profile", res["profile"])
+        runs = {}
+        for steps in (10, 30):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                engine.train_once(base, cov, photos, tmp / "profile.safetensors", steps, True)
+            runs[steps] = prof.key_averages()
+
+        def per_step(kind: str, keep) -> dict[str, float]:
+            times = {}
+            for sign, steps in ((1, 30), (-1, 10)):
+                for e in runs[steps]:
+                    if e.device_type.name == kind and keep(e.key):
+                        us = e.self_device_time_total if kind == "CUDA" else e.device_time_total
+                        times[e.key] = times.get(e.key, 0.0) + sign * us
+            return {k: t / 1000 / 20 for k, t in times.items()}
+
+        kernels = per_step("CUDA", lambda k: True)
+        top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+        res.setdefault("profiles", {})[v] = {
+            "gpu_kernel_ms_per_step": round(sum(kernels.values()), 1), "by_kind": kernel_kinds(kernels),
+            "top_kernels_ms": {k[:100]: round(t, 2) for k, t in top},
+            "aten_ops_device_ms": {k: round(t, 2) for k, t in per_step("CPU", lambda k: k in OPS).items()}}
+        log("profile", v, res["profiles"][v]["gpu_kernel_ms_per_step"], res["profiles"][v]["by_kind"])
         out.write_text(json.dumps(res, indent=1))
 
     variants = args.variants.split(",")
-    for v in variants:
-        torch.backends.cudnn.benchmark = "bench" in v
-        if v.startswith("eager"):
-            unet.to(memory_format=torch.channels_last if "_cl" in v else torch.contiguous_format)
-            if v == variants[0]:
+    plain = lambda module: (lambda: None)  # _plainconv: the convolutions are left as they are
+    for i, name in enumerate(variants):
+        v = name if name not in variants[:i] else f"{name}#{variants[:i].count(name) + 1}"  # a repeat is measured again
+        kind, *flags = name.split("_")
+        torch.backends.cudnn.benchmark = "bench" in flags
+        if kind == "eager":
+            unet.to(memory_format=torch.channels_last if "cl" in flags else torch.contiguous_format)
+            if i == 0:
                 measure(v + "_warmup", False, 3)
             measure(v, False, args.steps)
-        else:
-            if "1x1mm" in v:
-                torch._inductor.config.conv_1x1_as_mm = True
-                torch._dynamo.reset()
+            continue
+        torch._inductor.config.conv_1x1_as_mm = "1x1mm" in flags
+        torch._inductor.config.force_layout_optimization = "forcelayout" in flags
+        torch._dynamo.reset()  # inductor's settings are not part of dynamo's guards
+        with mock.patch.object(train, "input_grad_convolutions", plain) if "plainconv" in flags \
+                else contextlib.nullcontext():
             measure(v + "_first_compile", True, 3)
             measure(v, True, args.steps)
-            if args.profile and "profile" not in res:
-                profile_step(v)
+            if args.profile:
+                steady_profile(v)
     unet.to(memory_format=torch.contiguous_format)
 
 
