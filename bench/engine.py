@@ -207,6 +207,23 @@ def timed(fn, repeats: int) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
+
+def device_ms(fn, ops: tuple[str, ...] = ()) -> dict[str, float]:
+    """Run `fn` under torch.profiler: GPU ms by kernel name (self time), and for each aten op named in `ops` the GPU
+    ms of the kernels it launched (device time of the op's CPU event)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+    out: dict[str, float] = {}
+    for ev in prof.key_averages():
+        if ev.device_type.name == "CUDA":
+            out[ev.key] = out.get(ev.key, 0.0) + ev.self_device_time_total / 1000
+        elif ev.key in ops:
+            out[ev.key] = out.get(ev.key, 0.0) + ev.device_time_total / 1000
+    return out
+
+
 def make_photos(folder: Path, n: int, size: int):
     from PIL import Image, ImageDraw
 

@@ -111,17 +111,10 @@ def main():
         print("syncs", res["syncs"], flush=True)
         save()
 
-        from torch.profiler import ProfilerActivity, profile
-
-        kernels = {}
-        for k in ("baseline", "render_5"):
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                variants[k]()
-            kernels[k] = {e.key[:90]: e.self_device_time_total / 1000 for e in prof.key_averages()
-                          if e.device_type.name == "CUDA"}
+        kernels = {k: engine.device_ms(variants[k]) for k in ("baseline", "render_5")}
         res["gpu_kernel_ms"] = {k: round(sum(v.values()), 1) for k, v in kernels.items()}
         a, b = kernels["baseline"], kernels["render_5"]
-        diff = {n: round(b.get(n, 0) - a.get(n, 0), 2) for n in set(a) | set(b)}
+        diff = {n[:90]: round(b.get(n, 0) - a.get(n, 0), 2) for n in set(a) | set(b)}
         res["kernel_ms_differences"] = dict(sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:15])
         print("gpu kernel ms", res["gpu_kernel_ms"], "\n", res["kernel_ms_differences"], flush=True)
         save()

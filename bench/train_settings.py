@@ -83,8 +83,8 @@ def main():
         if ex:
             entry.update(ms_per_step=round(1000 * ex["per_step_s"], 1), steps_400_s=ex["extrapolated_400_steps_s"])
             # between reports (every 10 steps): shows a run that slows down as it goes
-            entry["ms_per_step_by_report"] = [round(1000 * (t1 - t0) / (s1 - s0), 1)
-                                              for (s0, t0), (s1, t1) in itertools.pairwise(marks)]
+            entry["ms_per_step_by_report"] = [round(1000 * (tb - ta) / (sb - sa), 1)
+                                              for (sa, ta), (sb, tb) in itertools.pairwise(marks)]
         if ref is None and not fast and steps == args.steps:
             ref = run
         elif ref is not None and len(ref.losses) == len(run.losses):
@@ -94,29 +94,17 @@ def main():
         out.write_text(json.dumps(res, indent=1))
 
     def steady_profile(v):
-        from torch.profiler import ProfilerActivity, profile
-
-        runs = {}
-        for steps in (10, 30):
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                engine.train_once(base, cov, photos, tmp / "profile.safetensors", steps, True)
-            runs[steps] = prof.key_averages()
-
-        def per_step(kind: str, keep) -> dict[str, float]:
-            times = {}
-            for sign, steps in ((1, 30), (-1, 10)):
-                for e in runs[steps]:
-                    if e.device_type.name == kind and keep(e.key):
-                        us = e.self_device_time_total if kind == "CUDA" else e.device_time_total
-                        times[e.key] = times.get(e.key, 0.0) + sign * us
-            return {k: t / 1000 / 20 for k, t in times.items()}
-
-        kernels = per_step("CUDA", lambda k: True)
+        run = lambda steps: engine.device_ms(
+            lambda: engine.train_once(base, cov, photos, tmp / "profile.safetensors", steps, True), OPS)
+        short, long = run(10), run(30)
+        steady = {k: (long.get(k, 0.0) - short.get(k, 0.0)) / 20 for k in set(short) | set(long)}
+        ops = {k: t for k, t in steady.items() if k in OPS}
+        kernels = {k: t for k, t in steady.items() if k not in OPS}
         top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
         res.setdefault("profiles", {})[v] = {
             "gpu_kernel_ms_per_step": round(sum(kernels.values()), 1), "by_kind": kernel_kinds(kernels),
             "top_kernels_ms": {k[:100]: round(t, 2) for k, t in top},
-            "aten_ops_device_ms": {k: round(t, 2) for k, t in per_step("CPU", lambda k: k in OPS).items()}}
+            "aten_ops_device_ms": {k: round(t, 2) for k, t in ops.items()}}
         log("profile", v, res["profiles"][v]["gpu_kernel_ms_per_step"], res["profiles"][v]["by_kind"])
         out.write_text(json.dumps(res, indent=1))
 
