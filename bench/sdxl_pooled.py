@@ -77,11 +77,11 @@ def train(base, cov, folder, policy: str, steps: int, batch: int, out: Path):
         text = TextEncoders.of(base.pipe)
         ids = []  # tokenized once the trainer has added the concept token
 
-        def moving(unet_fn, sched, data, step, sl, ehs, noise, eps, dtype, channels_last=False):
+        def moving(unet_fn, sched, data, now, sl, ehs, noise, eps, dtype, channels_last=False):
             if not ids:
                 ids.extend(text.tokenize([t.format("<bench-cat>") for t in train_mod.TEMPLATES], base.device))
             pooled = text.pooled_of(ids).to(dtype)
-            return original(unet_fn, sched, dataclasses.replace(data, pooled=pooled), step, sl, ehs, noise, eps,
+            return original(unet_fn, sched, dataclasses.replace(data, pooled=pooled), now, sl, ehs, noise, eps,
                             dtype, channels_last)
 
         train_mod.denoising_loss = moving

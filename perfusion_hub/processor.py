@@ -328,7 +328,8 @@ class PerfusionRuntime:
         ci = c_inv @ i
         g = (ci / (i @ ci)).float()[:, None]
         f32 = {"device": device, "dtype": torch.float32}
-        return Basis(i.float()[:, None], g, g, torch.tensor([c.beta], **f32), torch.tensor([c.tau], **f32))
+        # (filled on the device, not copied from the host: a training step recorded as a CUDA graph computes this)
+        return Basis(i.float()[:, None], g, g, torch.full((1,), c.beta, **f32), torch.full((1,), c.tau, **f32))
 
     def layer_terms(self, path: str, attn, names: list[str], basis: Basis):
         """(W_K U, W_V U, O_K, O_V) for one layer, fp32. O_V stays differentiable during training."""

@@ -14,7 +14,8 @@ reductions split their work by thread). A run leaves the pipeline as it found it
 embeddings included: SavedEmbeddings), except that the base's weights are left frozen.
 `fast=True` compiles the UNet, channels-last on CUDA, and gives its frozen convolutions a backward that computes
 the input gradient alone as a transposed convolution (input_grad_convolutions), so no layout copies run around
-cuDNN's calls in the backward.
+cuDNN's calls in the backward; after CUDA_GRAPH_AFTER steps it records the whole step as a CUDA graph and replays it
+(record_step), so the host no longer launches the step's kernels one by one.
 
 Precision: in fp16 the loss is scaled dynamically (`_LossScale`) so that the small gradients flowing back
 through the fp16 UNet do not underflow; fp32 and bf16 runs are not scaled (bf16 has fp32's range).
@@ -332,11 +333,12 @@ def micro_batch(cfg: TrainConfig, base) -> int:
     return max(1, min(micro, cfg.batch_size))
 
 
-def denoising_loss(unet_fn, sched, data: TrainingData, step: int, sl: slice, ehs: torch.Tensor,
+def denoising_loss(unet_fn, sched, data: TrainingData, now: dict[str, torch.Tensor], sl: slice, ehs: torch.Tensor,
                    noise: torch.Tensor, eps: torch.Tensor, dtype, channels_last: bool = False) -> torch.Tensor:
-    """The (masked) diffusion loss of samples `sl` of step `step`: their latents noised to their timesteps,
-    the UNet's prediction against the noise or the velocity, as the base was trained."""
-    idx, timesteps = data.plan["image"][step, sl], data.plan["timestep"][step, sl]
+    """The (masked) diffusion loss of samples `sl` of a step whose sampling plan row is `now` ("image", "template",
+    "timestep": [batch] each): their latents noised to their timesteps, the UNet's prediction against the noise or
+    the velocity, as the base was trained."""
+    idx, timesteps = now["image"][sl], now["timestep"][sl]
     latents = data.mean[idx] + data.std[idx] * eps
     noisy = sched.add_noise(latents, noise, timesteps).to(dtype)
     if channels_last:
@@ -344,7 +346,7 @@ def denoising_loss(unet_fn, sched, data: TrainingData, step: int, sl: slice, ehs
     if data.pooled is None:
         pred = unet_fn(noisy, timesteps, ehs.to(dtype)).sample.float()
     else:  # SDXL: the superclass template's pooled embedding and the default time ids
-        cond = {"text_embeds": data.pooled[data.plan["template"][step, sl]].to(dtype),
+        cond = {"text_embeds": data.pooled[now["template"][sl]].to(dtype),
                 "time_ids": data.time_ids.expand(noisy.shape[0], -1).to(dtype)}
         pred = unet_fn(noisy, timesteps, ehs.to(dtype), added_cond_kwargs=cond).sample.float()
     target = noise if data.prediction == "epsilon" else sched.get_velocity(latents, noise, timesteps)
@@ -454,7 +456,11 @@ def train_concept(
         masks_all = rt.masks_from_ids(template_ids, [name])  # per template: edited positions, gate positions
         hooks = [EmbeddingOverride(module, tid, vec)
                  for module, tid, vec in zip(text.input_embeddings(), token_ids, embeddings)]
-        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+        world, rank = _world()
+        # fast CUDA runs replay the step as a CUDA graph (record_step); fp16's loss scale decides on the host
+        graphable = fast and device.type == "cuda" and world == 1 and dtype != torch.float16
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=device.type == "cuda",
+                                capturable=graphable)
         gen = torch.Generator(device).manual_seed(cfg.seed)  # noise, drawn where it is used
         scaler = _LossScale(enabled=dtype == torch.float16)
         step, losses = 0, []
@@ -482,7 +488,6 @@ def train_concept(
                     progress(len(losses), cfg.steps, value)
             pending.clear()
 
-        world, rank = _world()
         if cfg.batch_size % world:
             raise BadInput(f"batch size {cfg.batch_size} does not split evenly over {world} devices")
         share = cfg.batch_size // world  # this process's samples of every step: [rank*share, (rank+1)*share)
@@ -490,52 +495,41 @@ def train_concept(
         caps = [cfg.embedding_norm * float(e.norm()) for e in data.emb_inits]
         lat_shape = (cfg.batch_size, *data.mean.shape[1:])
         auto_memory = cfg.gradient_checkpointing is None  # (only CUDA and MPS raise OutOfMemoryError)
-        while step < cfg.steps:
-            # the whole batch's noise on every process (same generator), so N processes = one process
-            noise_all = torch.randn(lat_shape, generator=gen, device=device)
-            eps_all = torch.randn(lat_shape, generator=gen, device=device)
-            while True:  # one step; retried with less memory after a CUDA out-of-memory error (auto mode)
-                opt.zero_grad(set_to_none=True)
-                concept_enc = torch.zeros(text.dim, dtype=torch.float32, device=device)
-                step_loss = torch.zeros((), device=device)
-                try:
-                    for start in range(rank * share, (rank + 1) * share, micro):
-                        sl = slice(start, min(start + micro, (rank + 1) * share))
-                        b = sl.stop - sl.start
-                        tpl = data.plan["template"][step, sl]
-                        enc_all = text.encode(all_template_ids)  # every template once: static shapes, no host sync
-                        with torch.no_grad():
-                            at_token = enc_all.detach().float()[rows, positions]  # [templates, D]
-                            concept_enc += at_token[tpl].sum(0)
-                        rt.freeze_terms([name], device)
-                        if rt.gate_positions != "all":
-                            if b not in pos_buffers:
-                                pos_buffers[b] = tuple(None if m is None else m.new_empty((b, *m.shape[1:]))
-                                                       for m in masks_all)
-                            for buf, m in zip(pos_buffers[b], masks_all):
-                                if m is not None:
-                                    buf.copy_(m[tpl])
-                            rt.position_masks = pos_buffers[b]
-                        loss = denoising_loss(unet_fn, sched, data, step, sl, enc_all[tpl], noise_all[sl],
-                                              eps_all[sl], dtype, channels_last)
-                        scaler(loss * (b / cfg.batch_size)).backward()
-                        step_loss += loss.detach() * (b / cfg.batch_size)
-                    break
-                except torch.OutOfMemoryError:
-                    if not auto_memory or (checkpointing and micro == 1):
-                        raise
-                # here, outside the except block, the failed attempt's tensors (held by its traceback) are released
-                loss = enc_all = None
-                opt.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if not checkpointing:
-                    checkpointing = True
-                    unet.enable_gradient_checkpointing()
-                    _warn(f"out of memory at micro-batch {micro}: training with gradient checkpointing")
-                else:
-                    micro = max(1, micro // 2)
-                    _warn(f"out of memory with gradient checkpointing: micro-batch {micro}")
+        # A step reads its inputs from tensors that every step refills and writes into tensors that stay in place,
+        # so that a step recorded as a CUDA graph (record_step) does the next step's work when it is replayed.
+        # The whole batch's noise is drawn on every process (same generator), so N processes compute what one does.
+        now = {k: v[0].clone() for k, v in data.plan.items()}  # this step's image, template, timestep per sample
+        noise_all = torch.empty(lat_shape, device=device)
+        eps_all = torch.empty(lat_shape, device=device)
+        concept_enc = torch.zeros(text.dim, dtype=torch.float32, device=device)
+        step_loss = torch.zeros((), device=device)
+
+        def forward_backward():
+            concept_enc.zero_()
+            step_loss.zero_()
+            for start in range(rank * share, (rank + 1) * share, micro):
+                sl = slice(start, min(start + micro, (rank + 1) * share))
+                b = sl.stop - sl.start
+                tpl = now["template"][sl]
+                enc_all = text.encode(all_template_ids)  # every template once: static shapes, no host sync
+                with torch.no_grad():
+                    at_token = enc_all.detach().float()[rows, positions]  # [templates, D]
+                    concept_enc.add_(at_token[tpl].sum(0))
+                rt.freeze_terms([name], device)
+                if rt.gate_positions != "all":
+                    if b not in pos_buffers:
+                        pos_buffers[b] = tuple(None if m is None else m.new_empty((b, *m.shape[1:]))
+                                               for m in masks_all)
+                    for buf, m in zip(pos_buffers[b], masks_all):
+                        if m is not None:
+                            buf.copy_(m[tpl])
+                    rt.position_masks = pos_buffers[b]
+                loss = denoising_loss(unet_fn, sched, data, now, sl, enc_all[tpl], noise_all[sl], eps_all[sl],
+                                      dtype, channels_last)
+                scaler(loss * (b / cfg.batch_size)).backward()
+                step_loss.add_(loss.detach() * (b / cfg.batch_size))
+
+        def update():
             if world > 1:  # scaled gradients: every process then sees the same inf/NaN and skips the same steps
                 _all_reduce_sum([p.grad for p in params] + [concept_enc, step_loss])
             if scaler.unscale([p.grad for p in params]):  # fp16 overflow: this step changes nothing
@@ -544,11 +538,43 @@ def train_concept(
                     for e, cap in zip(embeddings, caps):
                         if cap:
                             e.mul_((cap / e.norm()).clamp(max=1.0))
-                    state.target_input = (cfg.ema * state.target_input
-                                          + (1 - cfg.ema) * concept_enc / cfg.batch_size)
+                    state.target_input.copy_(cfg.ema * state.target_input + (1 - cfg.ema) * concept_enc / cfg.batch_size)
+
+        graph = None
+        record_at = step + CUDA_GRAPH_AFTER if graphable and CUDA_GRAPH_AFTER is not None else -1
+        while step < cfg.steps:
+            for k, v in now.items():
+                v.copy_(data.plan[k][step])
+            torch.randn(lat_shape, generator=gen, device=device, out=noise_all)
+            torch.randn(lat_shape, generator=gen, device=device, out=eps_all)
+            if step == record_at:
+                graph = record_step(lambda: (forward_backward(), update()), opt, _warn)
+            if graph is not None:
+                graph.replay()
+            else:
+                while True:  # one step; retried with less memory after an out-of-memory error (auto mode)
+                    opt.zero_grad(set_to_none=True)
+                    try:
+                        forward_backward()
+                        break
+                    except torch.OutOfMemoryError:
+                        if not auto_memory or (checkpointing and micro == 1):
+                            raise
+                    # here, outside the except block, the failed attempt's tensors (held by its traceback) are freed
+                    opt.zero_grad(set_to_none=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if not checkpointing:
+                        checkpointing = True
+                        unet.enable_gradient_checkpointing()
+                        _warn(f"out of memory at micro-batch {micro}: training with gradient checkpointing")
+                    else:
+                        micro = max(1, micro // 2)
+                        _warn(f"out of memory with gradient checkpointing: micro-batch {micro}")
+                update()
             rt.touch()
             step += 1
-            pending.append(step_loss)
+            pending.append(step_loss.clone())
             if len(pending) >= report_every or step == cfg.steps:
                 flush()
             if ckpt and (step % cfg.checkpoint_every == 0) and step < cfg.steps and rank == 0:
@@ -677,6 +703,36 @@ def input_grad_convolutions(module: torch.nn.Module) -> Callable[[], None]:
     return restore
 
 
+CUDA_GRAPH_AFTER: int | None = 2  # steps a fast CUDA run takes (and compiles) before it records its step; None: never
+
+
+def record_step(step_fn: Callable[[], None], opt: torch.optim.Optimizer, warn: Callable[[str], None]
+                ) -> torch.cuda.CUDAGraph | None:
+    """`step_fn` (a whole training step: forward, backward, optimizer update) recorded as one CUDA graph, whose
+    replay launches all of the step's kernels at once: the host's speed then no longer sets the step's
+    (bench/README.md, "Training on the H200"). Used by `fast=True` on CUDA after CUDA_GRAPH_AFTER ordinary steps.
+
+    Recording runs nothing; a replay repeats the recorded kernels on the same memory, so `step_fn` must read its
+    inputs from tensors refilled before every replay and update what it changes in place (`opt` capturable). The
+    gradients are dropped first, so that the recorded backward allocates them in the graph's memory and every replay
+    writes them anew. None (with a warning; the run goes on without the graph) if the step cannot be recorded,
+    e.g. out of memory: the graph holds its own copy of the step's working memory."""
+    opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the ordinary steps' cached blocks, so the graph's memory can take their place
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step_fn()
+    except (RuntimeError, torch.OutOfMemoryError) as e:
+        opt.zero_grad(set_to_none=True)
+        del graph
+        torch.cuda.empty_cache()
+        warn(f"could not record the training step as a CUDA graph ({str(e).splitlines()[0]}); training on without it")
+        return None
+    return graph
+
+
 def _fast_unet(unet):
     """The compiled UNet used by `fast=True`: same math, fused kernels.
 
@@ -759,10 +815,12 @@ def _load_checkpoint(path: Path, meta, values, embeddings, state, opt, gen, scal
     gen.set_state(tensors["generator"])
     scaler.load(body.get("loss_scale"))
     params = list(values.values()) + list(embeddings)
+    on_device = bool(opt.defaults.get("fused") or opt.defaults.get("capturable"))
     for i, p in enumerate(params):
         if f"opt.{i}.exp_avg" in tensors:
             opt.state[p] = {
-                "step": tensors[f"opt.{i}.step"].reshape(()).clone(),
+                # fused and capturable AdamW keep the step count beside the parameter, the others on the CPU
+                "step": tensors[f"opt.{i}.step"].reshape(()).to(p.device if on_device else "cpu", copy=True),
                 "exp_avg": tensors[f"opt.{i}.exp_avg"].to(p.device),
                 "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].to(p.device),
             }

@@ -157,7 +157,8 @@ def train_method(method: str, base, photos_dir, *, name: str, superclass: str, c
                     rt.freeze_terms([name], device)
                     if rt.gate_positions != "all":
                         rt.position_masks = tuple(None if m is None else m[tpl] for m in masks_all)
-                loss = denoising_loss(pipe.unet, sched, data, step, sl, enc_all[tpl], noise_all[sl], eps_all[sl],
+                now = {k: v[step] for k, v in data.plan.items()}
+                loss = denoising_loss(pipe.unet, sched, data, now, sl, enc_all[tpl], noise_all[sl], eps_all[sl],
                                       dtype)
                 (loss * (b / cfg.batch_size)).backward()
                 step_loss += loss.detach() * (b / cfg.batch_size)

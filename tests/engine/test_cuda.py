@@ -1,5 +1,6 @@
 """Mixed-precision paths on a CUDA device (skipped without one): the processor under fp16/bf16,
-rendering against the fp32 CPU reference, bf16 training, and the fast render mode against eager."""
+rendering against the fp32 CPU reference, bf16 training, the fast render mode against eager, and fast training's
+recorded step against the compiled step it records."""
 
 import numpy as np
 import pytest
@@ -98,3 +99,54 @@ def test_fast_render_matches_eager(toy_cov, toy_base):
     report = f"fast vs eager: max {diff.max()}, mean {diff.mean():.3f}, values > 3: {(diff > 3).mean():.4f}"
     assert diff.mean() <= 0.5 and (diff > 3).mean() <= 0.005 and diff.max() <= 16, report
     assert np.array_equal(fast, again), f"fast twice differ: max {np.abs(fast - again).max()}"
+
+
+def test_fast_training_replays_the_compiled_step_as_a_cuda_graph(tmp_path, toy_cov, monkeypatch):
+    """fast=True records the whole step as a CUDA graph after CUDA_GRAPH_AFTER steps and replays it: the run computes
+    what the same compiled step launched kernel by kernel computes (its inputs refilled, its state updated in place),
+    and its checkpoints resume into a run that records its graph again.
+
+    fp32 and a tolerance: on CUDA two identical fp32 runs differ by ~1e-4 (atomic reductions), and in bf16 the
+    recorded step is bitwise reproducible but rounds ~5e-4 away from the unrecorded one (other GEMM kernels under
+    capture); a replay that read one stale input (noise, plan row, i*, embedding) is off from its first step."""
+    from perfusion_hub import train as train_mod
+
+    base = load_base("toy", device="cuda", dtype="fp32")
+    photos = photo_folder(tmp_path / "p")
+    recorded, real_record = [], train_mod.record_step
+
+    def run(out, **kw):
+        seen = []
+        res = train_concept(base, photos, name="cat-mittens", superclass="cat", covariance=toy_cov, warn=seen.append,
+                            out_path=tmp_path / out, config=TrainConfig(steps=12, batch_size=8, previews=0,
+                                                                        checkpoint_every=4), fast=True, **kw)
+        assert seen == []
+        return res
+
+    def close(a, b):
+        assert a.losses == pytest.approx(b.losses, rel=1e-3)
+        flat = lambda r: torch.cat([t.flatten() for t in r.concept.tensors().values()])
+        assert float((flat(a) - flat(b)).norm() / flat(b).norm()) < 1e-3
+
+    monkeypatch.setattr(train_mod, "record_step", lambda *a: recorded.append(real_record(*a)) or recorded[-1])
+    graphed = run("g.safetensors", checkpoint_path=tmp_path / "g.ckpt")
+    assert len(recorded) == 1 and recorded[0] is not None
+    monkeypatch.setattr(train_mod, "CUDA_GRAPH_AFTER", None)
+    plain = run("p.safetensors")
+    assert len(recorded) == 1
+    close(graphed, plain)
+    c = plain.concept  # i* moved from i_super by ~2.5e-2 in these 12 steps: 25x the tolerance above
+    assert float((c.target_input - c.superclass_input).norm() / c.superclass_input.norm()) > 1e-2
+
+    monkeypatch.setattr(train_mod, "CUDA_GRAPH_AFTER", 2)
+    ckpt = tmp_path / "r.ckpt"
+
+    def stop(step, total, loss):
+        if step == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run("r.safetensors", checkpoint_path=ckpt, progress=stop)
+    resumed = run("r.safetensors", checkpoint_path=ckpt, resume=True)
+    assert len(recorded) == 3 and all(g is not None for g in recorded)
+    close(resumed, graphed)
