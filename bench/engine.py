@@ -31,6 +31,7 @@ first compile at this size takes minutes).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -296,11 +297,17 @@ def attention_backends(device: str, dtype) -> dict:
     return out
 
 
+def report_points(marks: list) -> list:
+    """(step, seconds) of each report from the trainer's progress marks: a report hands over several steps' losses at
+    once (every 10 steps on CUDA), and only its last step was done at that time."""
+    return [m for m, later in itertools.pairwise(marks) if later[1] - m[1] > 1e-3] + marks[-1:]
+
+
 def extrapolate(marks: list, total_s: float, steps: int, target: int = 400) -> dict | None:
     """The time of a `target`-step run from a shorter one: the time to the first report (setup, latents, first steps,
     any out-of-memory retry), steady per-step time between the first and last report, and the time after the last
     step (saving). None when there are fewer than two report points with steps between them."""
-    points = sorted({s: t for s, t in marks}.items())
+    points = report_points(marks)
     if len(points) < 2 or points[-1][0] == points[0][0]:
         return None
     (s0, t0), (s1, t1) = points[0], points[-1]

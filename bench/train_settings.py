@@ -5,6 +5,7 @@ that may change its speed. A variant is eager or compiled (`fast`, what `pfx tra
   _1x1mm        inductor's 1x1 convolutions as matrix products
   _forcelayout  inductor's layout optimization forced on (its heuristics turn it off for this UNet)
   _plainconv    torch's own convolution backward instead of `train.input_grad_convolutions` (the product before it)
+  _nograph      the compiled step launched kernel by kernel, not recorded as a CUDA graph (`train.record_step`)
 Each variant's steady ms per step and its distance to the first eager run (same seed), and (--profile) for each
 compiled variant the GPU kernel time of 20 steady steps (a 30-step run's profile minus a 10-step run's, so setup
 and compile drop out) by kind, its top kernels, and the device time of chosen aten ops (copies, convolutions).
@@ -32,7 +33,7 @@ import torch._inductor.config
 from bench import engine
 from perfusion_hub import train
 
-VARIANTS = "eager,eager_bench,eager_cl_bench,fast,fast_bench,fast_1x1mm,fast_forcelayout,fast_plainconv"
+VARIANTS = "eager,fast,fast_nograph,fast_bench,fast_1x1mm,fast_forcelayout,fast_nograph_plainconv"
 OPS = ("aten::copy_", "aten::convolution_backward", "aten::cudnn_convolution", "aten::cudnn_convolution_transpose",
        "aten::_cudnn_attention_forward", "aten::_cudnn_attention_backward", "aten::mm", "aten::addmm")
 
@@ -84,7 +85,7 @@ def main():
             entry.update(ms_per_step=round(1000 * ex["per_step_s"], 1), steps_400_s=ex["extrapolated_400_steps_s"])
             # between reports (every 10 steps): shows a run that slows down as it goes
             entry["ms_per_step_by_report"] = [round(1000 * (tb - ta) / (sb - sa), 1)
-                                              for (sa, ta), (sb, tb) in itertools.pairwise(marks)]
+                                              for (sa, ta), (sb, tb) in itertools.pairwise(engine.report_points(marks))]
         if ref is None and not fast and steps == args.steps:
             ref = run
         elif ref is not None and len(ref.losses) == len(run.losses):
@@ -123,8 +124,11 @@ def main():
         torch._inductor.config.conv_1x1_as_mm = "1x1mm" in flags
         torch._inductor.config.force_layout_optimization = "forcelayout" in flags
         torch._dynamo.reset()  # inductor's settings are not part of dynamo's guards
-        with mock.patch.object(train, "input_grad_convolutions", plain) if "plainconv" in flags \
-                else contextlib.nullcontext():
+        with contextlib.ExitStack() as options:
+            if "plainconv" in flags:
+                options.enter_context(mock.patch.object(train, "input_grad_convolutions", plain))
+            if "nograph" in flags:
+                options.enter_context(mock.patch.object(train, "CUDA_GRAPH_AFTER", None))
             measure(v + "_first_compile", True, 3)
             measure(v, True, args.steps)
             if args.profile:
