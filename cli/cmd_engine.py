@@ -66,7 +66,8 @@ def register(cli: click.Group) -> None:
                    "(default: the base's pfx.json, else 0).")
 @click.option("--devices", type=click.IntRange(1, 64), default=1, show_default=True, help="GPUs, data-parallel.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint of the same run.")
-@click.option("--fast", is_flag=True, help="Compile the UNet (GPU; same math).")
+@click.option("--fast", is_flag=True,
+              help="Compile the UNet and, on CUDA, replay each step as one CUDA graph (GPU; same math, other rounding).")
 @click.option("--captions", type=click.Path(exists=True, dir_okay=False), help="Caption file for the covariance.")
 @click.option("--device", help="cuda, cuda:1, cpu, mps (untested) or auto.")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto")
