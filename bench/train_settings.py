@@ -6,6 +6,7 @@ that may change its speed. A variant is eager or compiled (`fast`, what `pfx tra
   _forcelayout  inductor's layout optimization forced on (its heuristics turn it off for this UNet)
   _plainconv    torch's own convolution backward instead of `train.input_grad_convolutions` (the product before it)
   _nograph      the compiled step launched kernel by kernel, not recorded as a CUDA graph (`train.record_step`)
+  _textcompile  the text encoders compiled too (`TextEncoders.encode`; the product runs them eagerly)
 Each variant's steady ms per step and its distance to the first eager run (same seed), and (--profile) for each
 compiled variant the GPU kernel time of 20 steady steps (a 30-step run's profile minus a 10-step run's, so setup
 and compile drop out) by kind, its top kernels, and the device time of chosen aten ops (copies, convolutions).
@@ -21,6 +22,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +34,7 @@ import torch._inductor.config
 
 from bench import engine
 from perfusion_hub import train
+from perfusion_hub.text import TextEncoders
 
 VARIANTS = "eager,fast,fast_nograph,fast_bench,fast_1x1mm,fast_forcelayout,fast_nograph_plainconv"
 OPS = ("aten::copy_", "aten::convolution_backward", "aten::cudnn_convolution", "aten::cudnn_convolution_transpose",
@@ -129,6 +132,10 @@ def main():
                 options.enter_context(mock.patch.object(train, "input_grad_convolutions", plain))
             if "nograph" in flags:
                 options.enter_context(mock.patch.object(train, "CUDA_GRAPH_AFTER", None))
+            if "textcompile" in flags:
+                backend = os.environ.get("PFX_COMPILE_BACKEND", "inductor")
+                encode = torch.compile(TextEncoders.encode, dynamic=False, backend=backend)
+                options.enter_context(mock.patch.object(TextEncoders, "encode", encode))
             measure(v + "_first_compile", True, 3)
             measure(v, True, args.steps)
             if args.profile:
