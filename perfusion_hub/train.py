@@ -718,13 +718,11 @@ def record_step(step_fn: Callable[[], None], opt: torch.optim.Optimizer, warn: C
     writes them anew. None (with a warning; the run goes on without the graph) if the step cannot be recorded,
     e.g. out of memory: the graph holds its own copy of the step's working memory."""
     opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()  # the ordinary steps' cached blocks, so the graph's memory can take their place
-    graph = torch.cuda.CUDAGraph()
+    graph = torch.cuda.CUDAGraph()  # (entering the recording frees the ordinary steps' cached memory for it)
     try:
         with torch.cuda.graph(graph):
             step_fn()
-    except (RuntimeError, torch.OutOfMemoryError) as e:
+    except RuntimeError as e:  # (torch.OutOfMemoryError included)
         opt.zero_grad(set_to_none=True)
         del graph
         torch.cuda.empty_cache()
