@@ -208,7 +208,6 @@ def timed(fn, repeats: int) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
-
 def device_ms(fn, ops: tuple[str, ...] = ()) -> dict[str, float]:
     """Run `fn` under torch.profiler: GPU ms by kernel name (self time), and for each aten op named in `ops` the GPU
     ms of the kernels it launched (device time of the op's CPU event)."""

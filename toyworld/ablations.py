@@ -146,10 +146,11 @@ def train_method(method: str, base, photos_dir, *, name: str, superclass: str, c
             step_loss = torch.zeros((), device=device)
             noise_all = torch.randn(lat_shape, generator=gen, device=device)
             eps_all = torch.randn(lat_shape, generator=gen, device=device)
+            now = {k: v[step] for k, v in data.plan.items()}  # this step's row of the sampling plan
             for start in range(0, cfg.batch_size, micro):
                 sl = slice(start, min(start + micro, cfg.batch_size))
                 b = sl.stop - sl.start
-                tpl = data.plan["template"][step, sl]
+                tpl = now["template"][sl]
                 enc_all = te(template_ids)[0]
                 with torch.no_grad():
                     concept_enc += enc_all.detach().float()[rows, positions][tpl].sum(0)
@@ -157,7 +158,6 @@ def train_method(method: str, base, photos_dir, *, name: str, superclass: str, c
                     rt.freeze_terms([name], device)
                     if rt.gate_positions != "all":
                         rt.position_masks = tuple(None if m is None else m[tpl] for m in masks_all)
-                now = {k: v[step] for k, v in data.plan.items()}
                 loss = denoising_loss(pipe.unet, sched, data, now, sl, enc_all[tpl], noise_all[sl], eps_all[sl],
                                       dtype)
                 (loss * (b / cfg.batch_size)).backward()
