@@ -7,6 +7,8 @@ that may change its speed. A variant is eager or compiled (`fast`, what `pfx tra
   _plainconv    torch's own convolution backward instead of `train.input_grad_convolutions` (the product before it)
   _nograph      the compiled step launched kernel by kernel, not recorded as a CUDA graph (`train.record_step`)
   _textcompile  the text encoders compiled too (`TextEncoders.encode`; the product runs them eagerly)
+  _cdt          inductor's coordinate-descent tuning of its generated kernels' launch settings
+  _aggr         inductor's aggressive fusion (fuses nodes that share no memory access too)
 Each variant's steady ms per step and its distance to the first eager run (same seed), and (--profile) for each
 compiled variant the GPU kernel time of 20 steady steps (a 30-step run's profile minus a 10-step run's, so setup
 and compile drop out) by kind, its top kernels, and the device time of chosen aten ops (copies, convolutions).
@@ -14,6 +16,7 @@ and compile drop out) by kind, its top kernels, and the device time of chosen at
     bash bench/gpu_setup.sh && python3 -u -m bench.train_settings --profile
 
 Results: results/train-settings-<device>-<date>.json (rewritten after every variant). `--toy` runs it on CPU.
+`--flops` counts instead the arithmetic of one training step, by kind (runs on CPU too; results/train-flops-*.json).
 """
 
 from __future__ import annotations
@@ -55,17 +58,53 @@ def kernel_kinds(kernels: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
 
 
+def step_flops(base, cov, photos: Path, out: Path) -> dict:
+    """The arithmetic of one default-recipe training step (the product's own step: text encoder and UNet, forward
+    and backward), counted by torch's FlopCounterMode on a 1-sample step and scaled to the recipe's batch of 16 (the
+    UNet's share scales with the batch, the text encoder's, which encodes every template once per step, does not).
+    Attention runs through SDPA's math backend so that its matrix products are counted: the useful work, backward
+    twice the forward; flash-style kernels also recompute the forward's scores in the backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from perfusion_hub.train import TrainConfig, train_concept
+
+    kind = {"aten.convolution": "convolution", "aten.convolution_backward": "convolution",
+            "aten.mm": "matrix product", "aten.addmm": "matrix product",
+            "aten.bmm": "attention", "aten.baddbmm": "attention"}
+    counter = FlopCounterMode(display=False)
+    cfg = TrainConfig(steps=1, batch_size=1, previews=0, checkpoint_every=10**9)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        train_concept(base, photos, name="bench-cat", superclass="cat", covariance=cov, out_path=out, config=cfg)
+    counts = counter.get_flop_counts()
+    unet, text = (counts.get(type(m).__name__, {}) for m in (base.pipe.unet, base.pipe.text_encoder))
+    step: dict[str, float] = {}
+    for part, times in ((unet, 16), (text, 1)):
+        for op, n in part.items():
+            k = kind.get(str(op), str(op))
+            step[k] = step.get(k, 0.0) + n * times / 1e12
+    return {"unet_gflop_per_sample": {str(k): round(v / 1e9, 1) for k, v in unet.items()},
+            "text_encoder_gflop_per_step": {str(k): round(v / 1e9, 1) for k, v in text.items()},
+            "tflop_per_step_by_kind": {k: round(v, 2) for k, v in sorted(step.items(), key=lambda kv: -kv[1])},
+            "tflop_per_step": round(sum(step.values()), 2)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--toy", action="store_true", help="CPU smoke run on the toy configs")
     ap.add_argument("--steps", type=int, default=40, help="steps per measured run")
     ap.add_argument("--variants", default=VARIANTS)
     ap.add_argument("--profile", action="store_true", help="profile 20 steady steps of each compiled variant")
+    ap.add_argument("--flops", action="store_true", help="count one step's arithmetic instead (no variants)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    out, res = engine.results_file(args.out, "train-settings", steps=args.steps, recipe=(
-        "400 steps, batch 16, 512x512, bf16, 8 photos; ms per step steady (between loss reports)"))
+    if args.flops:
+        out, res = engine.results_file(args.out, "train-flops", recipe="batch 16, " + (
+            "toy configs" if args.toy else "512x512, SD1.5 architecture"))
+    else:
+        out, res = engine.results_file(args.out, "train-settings", steps=args.steps, recipe=(
+            "400 steps, batch 16, 512x512, bf16, 8 photos; ms per step steady (between loss reports)"))
     t0 = time.perf_counter()
 
     def log(*a):
@@ -74,8 +113,13 @@ def main():
     base = engine.build_base(args.toy, dev, torch.bfloat16 if dev == "cuda" else torch.float32)
     cov = engine.covariance(base, 64 if args.toy else 512)
     tmp = Path(tempfile.mkdtemp())
-    photos = engine.make_photos(tmp / "photos", 8, base.resolution)
+    photos = engine.make_photos(tmp / "photos", 1 if args.flops else 8, base.resolution)
     unet = base.pipe.unet
+    if args.flops:  # (one photo: the count does not depend on the photos, and the VAE encodes it on the CPU faster)
+        res.update(step_flops(base, cov, photos, tmp / "flops.safetensors"))
+        out.write_text(json.dumps(res, indent=1))
+        log(res)
+        return
     ref = None
 
     def measure(label, fast, steps):
@@ -126,6 +170,8 @@ def main():
             continue
         torch._inductor.config.conv_1x1_as_mm = "1x1mm" in flags
         torch._inductor.config.force_layout_optimization = "forcelayout" in flags
+        torch._inductor.config.coordinate_descent_tuning = "cdt" in flags
+        torch._inductor.config.aggressive_fusion = "aggr" in flags
         torch._dynamo.reset()  # inductor's settings are not part of dynamo's guards
         with contextlib.ExitStack() as options:
             if "plainconv" in flags:
