@@ -114,8 +114,8 @@ def main():
         kernels = {k: engine.device_ms(variants[k]) for k in ("baseline", "render_5")}
         res["gpu_kernel_ms"] = {k: round(sum(v.values()), 1) for k, v in kernels.items()}
         a, b = kernels["baseline"], kernels["render_5"]
-        diff = {n[:90]: round(b.get(n, 0) - a.get(n, 0), 2) for n in set(a) | set(b)}
-        res["kernel_ms_differences"] = dict(sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:15])
+        diff = {n: round(b.get(n, 0) - a.get(n, 0), 2) for n in set(a) | set(b)}
+        res["kernel_ms_differences"] = {n[:90]: d for n, d in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:15]}
         print("gpu kernel ms", res["gpu_kernel_ms"], "\n", res["kernel_ms_differences"], flush=True)
         save()
 

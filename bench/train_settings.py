@@ -114,12 +114,12 @@ def main():
     cov = engine.covariance(base, 64 if args.toy else 512)
     tmp = Path(tempfile.mkdtemp())
     photos = engine.make_photos(tmp / "photos", 1 if args.flops else 8, base.resolution)
-    unet = base.pipe.unet
     if args.flops:  # (one photo: the count does not depend on the photos, and the VAE encodes it on the CPU faster)
         res.update(step_flops(base, cov, photos, tmp / "flops.safetensors"))
         out.write_text(json.dumps(res, indent=1))
         log(res)
         return
+    unet = base.pipe.unet
     ref = None
 
     def measure(label, fast, steps):
