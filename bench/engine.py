@@ -224,6 +224,15 @@ def device_ms(fn, ops: tuple[str, ...] = ()) -> dict[str, float]:
     return out
 
 
+def shortened(pairs, width: int) -> dict:
+    """{name: value} of (kernel name, value) pairs with names cut to `width` characters for a report; a name whose cut
+    form an earlier one already took stays whole, so no two entries overwrite each other."""
+    out: dict = {}
+    for name, value in pairs:
+        out[name[:width] if name[:width] not in out else name] = value
+    return out
+
+
 def make_photos(folder: Path, n: int, size: int):
     from PIL import Image, ImageDraw
 

@@ -115,7 +115,7 @@ def main():
         res["gpu_kernel_ms"] = {k: round(sum(v.values()), 1) for k, v in kernels.items()}
         a, b = kernels["baseline"], kernels["render_5"]
         diff = {n: round(b.get(n, 0) - a.get(n, 0), 2) for n in set(a) | set(b)}
-        res["kernel_ms_differences"] = {n[:90]: d for n, d in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:15]}
+        res["kernel_ms_differences"] = engine.shortened(sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:15], 90)
         print("gpu kernel ms", res["gpu_kernel_ms"], "\n", res["kernel_ms_differences"], flush=True)
         save()
 

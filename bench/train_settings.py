@@ -151,7 +151,7 @@ def main():
         top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
         res.setdefault("profiles", {})[v] = {
             "gpu_kernel_ms_per_step": round(sum(kernels.values()), 1), "by_kind": kernel_kinds(kernels),
-            "top_kernels_ms": {k[:100]: round(t, 2) for k, t in top},
+            "top_kernels_ms": engine.shortened([(k, round(t, 2)) for k, t in top], 100),
             "aten_ops_device_ms": {k: round(t, 2) for k, t in ops.items()}}
         log("profile", v, res["profiles"][v]["gpu_kernel_ms_per_step"], res["profiles"][v]["by_kind"])
         out.write_text(json.dumps(res, indent=1))
